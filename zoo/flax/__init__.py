@@ -1,0 +1,1 @@
+"""Flax Linen (``flax.linen``) models."""

@@ -1,0 +1,1 @@
+"""Haiku (``dm-haiku``) models, to be used inside ``hk.transform``."""

@@ -1,0 +1,1 @@
+"""Plain-JAX reference models: pure ``init``/``apply`` functions over a params dict."""
