@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grain
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -123,6 +124,8 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None,
     builder = cls(data_dir=str(data_dir), file_format="array_record")
     with _lock(data_dir / f".{cls.name}.lock"):
         if not builder.is_prepared():
+            tfds.disable_progress_bar()
+            absl_logging.set_verbosity(absl_logging.ERROR)
             config = tfds.download.DownloadConfig(
                 manual_dir=str(Path(manual_dir).expanduser()) if manual_dir else None)
             try:

@@ -1,0 +1,253 @@
+"""The ``zoo`` command line.
+
+Every subcommand is a thin layer over the Python API in ``shared``: argument
+parsing here, the work there. Bad input (unknown model, style or dataset, a
+non-positive size, an unreadable checkpoint) is reported as one line on stderr
+with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from zoo import MODELS, STYLES
+
+DATASETS = ("digits", "mnist", "fashion_mnist")
+# Per-model defaults that reach good accuracy on digits in seconds on a CPU.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"epochs": 20, "lr": 1e-3},
+    "cnn": {"epochs": 40, "lr": 1e-3},
+    "vae": {"epochs": 30, "lr": 1e-3},
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def style_list(text: str) -> tuple[str, ...]:
+    styles = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in styles if s not in STYLES]
+    if bad or not styles:
+        raise argparse.ArgumentTypeError(
+            f"unknown style {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(STYLES)}")
+    return styles
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits (embedded, offline), mnist or fashion_mnist (default: digits)")
+    p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", help="folder holding the original MNIST/Fashion-MNIST .gz files, for offline use")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", choices=MODELS, help="which model")
+    p.add_argument("--hidden-sizes", type=lambda s: tuple(positive_int(x) for x in s.split(",")),
+                   help="MLP hidden layer sizes, comma separated (default: 128,128)")
+    p.add_argument("--latents", type=positive_int, help="VAE latent size (default: 20)")
+    p.add_argument("--hidden", type=positive_int, help="VAE hidden width (default: 500)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=positive_int, help="epochs (default: per model, 20 or 30)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seeds parameters, batch order and noise (default: 0)")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="adamw's decoupled weight decay")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (0 for none)")
+    p.add_argument("--schedule", choices=("constant", "warmup_cosine", "linear_warmup"), default="constant")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0)
+    p.add_argument("--clip-norm", type=positive_float, help="clip gradients to this global norm first")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="also keep and evaluate an EMA of the parameters")
+    p.add_argument("--freeze", nargs="+", default=(), metavar="PATTERN",
+                   help="freeze parameters whose canonical path matches, e.g. 'encoder*'")
+    p.add_argument("--train-only", nargs="+", default=(), metavar="PATTERN",
+                   help="train only parameters whose canonical path matches, e.g. 'dense2/*'")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the forward and backward pass; parameters stay float32")
+    p.add_argument("--devices", type=positive_int, help="split each batch over this many devices (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="zoo", description="The same JAX models in five styles: train, compare, browse.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    sub.add_parser("list", help="models x styles")
+
+    p = sub.add_parser("train", help="train one model in one style")
+    add_model_args(p)
+    p.add_argument("--style", required=True, choices=STYLES)
+    add_data_args(p)
+    add_train_args(p)
+    p.add_argument("--out", help="output folder (default: runs/MODEL-STYLE-DATASET)")
+
+    p = sub.add_parser("compare", help="train one model in every style from the same start and compare")
+    add_model_args(p)
+    p.add_argument("--styles", type=style_list, default=STYLES, help="comma separated (default: all)")
+    add_data_args(p)
+    add_train_args(p)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--out", help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands defined next to the code they drive."""
+    import importlib
+
+    for name in ("shared.sample", "shared.bench", "shared.site", "shared.catalogue"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name == name:
+                continue
+            raise
+        yield module.register
+
+
+def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
+    hparams = {}
+    if args.hidden_sizes:
+        hparams["hidden_sizes"] = args.hidden_sizes
+    if args.latents:
+        hparams["latents"] = args.latents
+    if args.hidden:
+        hparams["hidden"] = args.hidden
+    return hparams
+
+
+def config_from(args: argparse.Namespace):
+    from shared.train import TrainConfig
+
+    defaults = DEFAULTS[args.model]
+    return TrainConfig(
+        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size, lr=args.lr or defaults["lr"],
+        seed=args.seed, optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
+        schedule=args.schedule, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, ema=args.ema,
+        freeze=tuple(args.freeze), train_only=tuple(args.train_only), devices=args.devices)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    width = max(map(len, MODELS)) + 2
+    print("model".ljust(width) + "  ".join(STYLES))
+    for model in MODELS:
+        cells = ["yes".ljust(len(s)) if (Path(__file__).parents[1] / "zoo" / s / f"{model}.py").exists()
+                 else "-".ljust(len(s)) for s in STYLES]
+        print(model.ljust(width) + "  ".join(cells))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shared import data, styles, train
+
+    config = config_from(args)
+    config.validate()
+    dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+    model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
+                         precision=args.precision, **hparams_from(args))
+    out = Path(args.out or f"runs/{args.model}-{args.style}-{args.dataset}")
+    result = train.train(model, dataset, config, out_dir=out, progress=not args.no_progress)
+    final = result.final
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
+    print(f"{args.model}/{args.style} on {args.dataset}: {summary}; "
+          f"{result.step_ms:.2f} ms/step (median)")
+    if model.kind == "vae":
+        from shared.sample import write_grid
+
+        write_grid(model, result.params, out / "samples.png", seed=config.seed)
+        print(f"samples: {out / 'samples.png'}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from shared import compare, data, styles, train
+
+    config = config_from(args)
+    config.validate()
+    dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+    rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
+                              progress=not args.no_progress, hparams=hparams_from(args))
+    out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
+    train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
+                           "config": __import__("dataclasses").asdict(config), "rows": rows})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{args.model} on {args.dataset}, {config.epochs} epochs, batch {config.batch_size}, "
+              f"same initial parameters and batches for every style")
+        print(compare.format_table(rows, styles.KINDS[args.model]))
+        print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from shared.styles import ZooError
+    from shared.train import NonFiniteError
+
+    handler = COMMANDS.get(args.command) or args.handler
+    try:
+        return handler(args)
+    except ZooError as error:
+        print(f"zoo: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteError as error:
+        print(f"zoo: training stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Train one model in every style from the same start and compare the results.
+
+Every style starts from the same canonical parameters (the plain-JAX
+reference's initialiser, converted into each style), sees the same batches in
+the same order and the same per-step keys, so any difference in the trained
+parameters is the frameworks' own doing, down to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from shared import data as data_lib
+from shared import styles as styles_lib
+from shared.train import Result, TrainConfig, count_params, max_abs_diff, train
+from zoo import STYLES
+
+ROW_KEYS = ("style", "params", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
+            "max_param_diff")
+
+
+def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
+            styles: tuple[str, ...] = STYLES, *, precision: str = "float32",
+            progress: bool = True, hparams: dict | None = None,
+            init_canonical: dict | None = None) -> tuple[list[dict], dict[str, Result]]:
+    """Rows of the comparison (one per style) and each style's full result."""
+    hparams = hparams or {}
+    config.validate()
+    models = {style: styles_lib.build(model_name, style, in_shape=dataset.in_shape,
+                                      num_classes=dataset.num_classes, precision=precision, **hparams)
+              for style in dict.fromkeys(("jax", *styles))}
+    if init_canonical is None:
+        init_key, _ = jax.random.split(jax.random.key(config.seed))
+        init_canonical = models["jax"].init(init_key)
+    results: dict[str, Result] = {}
+    for style, model in models.items():
+        results[style] = train(model, dataset, config, init_params=model.from_canonical(init_canonical),
+                               progress=progress)
+    reference = results["jax"]
+    reference_params = models["jax"].to_canonical(reference.params)
+    rows = []
+    for style in styles:
+        result = results[style]
+        canonical = models[style].to_canonical(result.params)
+        row = {
+            "style": style,
+            "params": count_params(result.params),
+            "train_loss": result.history[-1]["train_loss"],
+            "test_loss": result.final["test_loss"],
+            "test_accuracy": result.final.get("test_accuracy"),
+            "step_ms": result.step_ms,
+            "step_ratio": result.step_ms / reference.step_ms,
+            "max_param_diff": max_abs_diff(canonical, reference_params),
+        }
+        if "ema_test_loss" in result.final:
+            row["ema_test_loss"] = result.final["ema_test_loss"]
+            row["ema_test_accuracy"] = result.final.get("ema_test_accuracy")
+        rows.append(row)
+    return rows, results
+
+
+def format_table(rows: list[dict], kind: str) -> str:
+    """A fixed-width table of the rows, as ``zoo compare`` prints it."""
+    headline = ("test acc", lambda r: f"{100 * r['test_accuracy']:.2f}%") if kind == "classifier" \
+        else ("test -ELBO", lambda r: f"{r['test_loss']:.3f}")
+    columns = [
+        ("style", lambda r: r["style"]),
+        ("params", lambda r: f"{r['params']:,}"),
+        ("train loss", lambda r: f"{r['train_loss']:.4f}"),
+        headline,
+        ("step ms", lambda r: f"{r['step_ms']:.2f}"),
+        ("vs jax", lambda r: f"{r['step_ratio']:.2f}x"),
+        ("max |param - jax|", lambda r: f"{r['max_param_diff']:.2e}"),
+    ]
+    if rows and "ema_test_loss" in rows[0]:
+        columns.insert(4, ("EMA " + headline[0], lambda r: (
+            f"{100 * r['ema_test_accuracy']:.2f}%" if kind == "classifier" else f"{r['ema_test_loss']:.3f}")))
+    cells = [[name for name, _ in columns]] + [[fmt(r) for _, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

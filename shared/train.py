@@ -1,0 +1,403 @@
+"""One optax training loop for every model in every style.
+
+The loop sees a model only through :class:`shared.styles.Model` (``init``,
+``apply`` with explicit params and key, converters), so a Haiku VAE and an
+Equinox CNN train through the very same jitted step. Everything that decides
+the result is derived from the seed: the initial parameters, the batch order
+(``(seed, epoch)`` shuffles) and the per-step key (``fold_in(key, step)``), so
+two runs with the same arguments give bitwise identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from shared import data as data_lib
+from shared import tasks
+from shared.styles import Model, ZooError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "warmup_cosine", "linear_warmup")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that shapes a training run besides the model and the data."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    optimizer: str = "adam"
+    weight_decay: float = 1e-4  # adamw only
+    momentum: float = 0.9  # sgd only
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_norm: float | None = None
+    ema: float | None = None
+    freeze: tuple[str, ...] = ()
+    train_only: tuple[str, ...] = ()
+    devices: int | None = None  # None: every local device
+    eval_batch_size: int = 500
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ZooError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ZooError(f"lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ZooError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ZooError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ZooError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ZooError(f"clip-norm must be positive, got {self.clip_norm}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ZooError(f"ema decay must be between 0 and 1 (e.g. 0.99), got {self.ema}")
+        if self.freeze and self.train_only:
+            raise ZooError("give either --freeze or --train-only, not both")
+        if self.devices is not None and self.devices < 1:
+            raise ZooError(f"devices must be a positive integer, got {self.devices}")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any  # None without --ema
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def learning_rate(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    if config.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.lr, config.warmup_steps, max(total_steps, config.warmup_steps + 1))
+    if config.schedule == "linear_warmup":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, config.lr, config.warmup_steps), optax.constant_schedule(config.lr)],
+            [config.warmup_steps])
+    return optax.constant_schedule(config.lr)
+
+
+def trainable_labels(model: Model, config: TrainConfig) -> Any | None:
+    """``"train"``/``"frozen"`` for every native leaf, chosen by canonical path.
+
+    Patterns are shell-style (``fnmatch``) against paths such as
+    ``encoder/fc1/kernel``, so ``'encoder*'`` selects the whole encoder in every
+    style. Returns None when everything trains.
+    """
+    patterns = config.freeze or config.train_only
+    if not patterns:
+        return None
+    paths = model.converter.canonical_paths()
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            raise ZooError(f"pattern {pattern!r} matches no parameter of {model.name}; "
+                           f"its parameters are {', '.join(paths)}")
+    matched = [any(fnmatch.fnmatchcase(path, p) for p in patterns) for path in paths]
+    train = [not m for m in matched] if config.freeze else matched
+    if not any(train):
+        raise ZooError(f"{'--freeze' if config.freeze else '--train-only'} {' '.join(patterns)} "
+                       "leaves no parameter to train")
+    return model.converter.treedef.unflatten(["train" if t else "frozen" for t in train])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, labels: Any | None) -> optax.GradientTransformation:
+    schedule = learning_rate(config, total_steps)
+    if config.optimizer == "adamw":
+        base = optax.adamw(schedule, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        base = optax.sgd(schedule, momentum=config.momentum or None)
+    else:
+        base = optax.adam(schedule)
+    if config.clip_norm is not None:
+        base = optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
+    if labels is None:
+        return base
+    # Frozen leaves get zero updates and no optimiser state at all.
+    return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation, config: TrainConfig,
+                    key: jax.Array) -> Callable:
+    """``step(state, batch) -> (state, loss, finite)``, a pure function to jit."""
+
+    def loss_fn(params, batch, step_key):
+        outputs = model.apply(params, batch["image"], batch["label"], step_key)
+        return tasks.per_example(model.kind, outputs, batch)["loss"].mean()
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        step_key = jax.random.fold_in(key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = optax.incremental_update(params, ema, 1.0 - config.ema)
+        # One flag per parameter: False where its gradient or new value is not finite.
+        finite = jax.tree.map(lambda g, p: jnp.isfinite(g).all() & jnp.isfinite(p).all(), grads, params)
+        return TrainState(state.step + 1, params, opt_state, ema), loss, finite
+
+    return step
+
+
+def make_eval_step(model: Model, key: jax.Array) -> Callable:
+    def evaluate(params, batch, index):
+        outputs = model.apply(params, batch["image"], batch["label"], jax.random.fold_in(key, index))
+        metrics = tasks.per_example(model.kind, outputs, batch)
+        return {name: jnp.sum(value * batch["mask"]) for name, value in metrics.items()}
+
+    return evaluate
+
+
+def evaluate(eval_step: Callable, params: Any, split: data_lib.Split, batch_size: int,
+             sharding: NamedSharding | None = None) -> dict[str, float]:
+    """Means of the per-example metrics over the whole split (nothing dropped)."""
+    totals: dict[str, float] = {}
+    for index, batch in enumerate(data_lib.eval_batches(split, batch_size)):
+        if sharding is not None:
+            batch = jax.device_put(batch, sharding)
+        for name, value in eval_step(params, batch, index).items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return {name: total / len(split) for name, total in totals.items()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class Result:
+    model: str
+    style: str
+    dataset: str
+    config: TrainConfig
+    params: Any
+    ema_params: Any
+    history: list[dict[str, float]]
+    step_times: list[float]
+    step_losses: list[float]
+    step_lrs: list[float]
+    final: dict[str, float]
+
+    @property
+    def step_ms(self) -> float:
+        """Median wall time of a train step in steady state, in milliseconds."""
+        times = self.step_times[1:] or self.step_times  # the first step includes compilation
+        return float(np.median(times) * 1000) if times else float("nan")
+
+    def metrics(self) -> dict[str, Any]:
+        return {"model": self.model, "style": self.style, "dataset": self.dataset,
+                "config": dataclasses.asdict(self.config), "final": self.final,
+                "step_ms": self.step_ms, "history": self.history,
+                "steps": {"loss": self.step_losses, "lr": self.step_lrs}}
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter."""
+
+
+def make_mesh(devices: int | None) -> Mesh:
+    available = jax.local_devices()
+    count = len(available) if devices is None else devices
+    if count > len(available):
+        raise ZooError(f"--devices {count} asked for, but only {len(available)} "
+                       f"{available[0].platform} device(s) are visible")
+    return Mesh(np.asarray(available[:count]), ("data",))
+
+
+def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
+          init_params: Any = None, out_dir: str | Path | None = None,
+          progress: bool = True, on_step: Callable[[int, TrainState], None] | None = None,
+          start: TrainState | None = None) -> Result:
+    """Train ``model`` on ``dataset`` and return the trained parameters and metrics.
+
+    ``init_params`` are the model's native parameters to start from (default:
+    its own initialiser with the run's seed). ``on_step(step, state)`` is called
+    after every step with the completed, finite state (checkpointing hooks in
+    there). ``start`` resumes from a saved state.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    if tuple(dataset.in_shape) != tuple(model.in_shape):
+        raise ZooError(f"{model.name} was built for images of shape {model.in_shape}, "
+                       f"but {dataset.name} has {dataset.in_shape}")
+    mesh = make_mesh(config.devices)
+    n_dev = mesh.devices.size
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % n_dev:
+            raise ZooError(f"{name.replace('_', '-')} {getattr(config, name)} must be divisible by "
+                           f"the {n_dev} devices the batch is split over")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ZooError(f"batch size {config.batch_size} is larger than the "
+                       f"{len(dataset.train)} training examples of {dataset.name}")
+    total_steps = steps_per_epoch * config.epochs
+    labels = trainable_labels(model, config)
+    optimizer = make_optimizer(config, total_steps, labels)
+    schedule = learning_rate(config, total_steps)
+
+    if start is None:
+        params = model.init(init_key) if init_params is None else init_params
+        ema = params if config.ema is not None else None
+        start = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), ema)
+    state = jax.device_put(start, replicated)
+    # No buffer donation: the state after step t is still needed (for a
+    # checkpoint) while step t + 1 runs.
+    train_step = jax.jit(make_train_step(model, optimizer, config, train_key))
+    eval_step = jax.jit(make_eval_step(model, jax.random.split(train_key)[1]))
+
+    history: list[dict[str, float]] = []
+    step_times: list[float] = []
+    step_losses: list[float] = []
+    first_step = int(start.step)
+    bar = tqdm(total=total_steps, initial=first_step, disable=not progress, leave=False,
+               desc=f"{model.name}/{model.style}", unit="step", dynamic_ncols=True)
+    epoch_losses: list[float] = []
+    pending = None  # (step, loss, finite): results are fetched one step late to keep dispatch async
+    last_time = time.perf_counter()
+
+    def settle(item) -> None:
+        nonlocal last_time
+        index, loss, finite = item
+        loss = float(loss)
+        now = time.perf_counter()
+        step_times.append(now - last_time)
+        last_time = now
+        if not math.isfinite(loss) or not all(bool(f) for f in jax.tree.leaves(finite)):
+            flags = model.converter.treedef.flatten_up_to(finite)
+            bad = [r.canonical for r, f in zip(model.converter.rules, flags) if not bool(f)]
+            raise NonFiniteError(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient or parameter'} at step "
+                f"{index + 1}; first non-finite parameter: {bad[0] if bad else '(none: the loss itself)'}. "
+                "Try a lower --lr or --clip-norm")
+        step_losses.append(loss)
+        epoch_losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    try:
+        for epoch in range(first_step // steps_per_epoch, config.epochs):
+            batches = data_lib.train_batches(dataset.train, config.batch_size, config.seed, epoch)
+            for index in range(first_step % steps_per_epoch if epoch == first_step // steps_per_epoch else 0,
+                               steps_per_epoch):
+                batch = jax.device_put(batches[index], batch_sharding)
+                previous = state
+                state, loss, finite = train_step(state, batch)
+                if pending is not None:
+                    settle(pending)
+                    if on_step is not None:
+                        on_step(pending[0] + 1, previous)
+                pending = (epoch * steps_per_epoch + index, loss, finite)
+            if pending is not None:
+                settle(pending)
+                if on_step is not None:
+                    on_step(pending[0] + 1, state)
+                pending = None
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                      "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
+                      "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan")}
+            epoch_losses.clear()
+            record.update({f"test_{k}": v for k, v in evaluate(
+                eval_step, state.params, dataset.test, config.eval_batch_size, batch_sharding).items()})
+            history.append(record)
+            headline = tasks.headline(model.kind)
+            bar.set_postfix(train_loss=f"{record['train_loss']:.4f}",
+                            **{f"test_{headline}": f"{record['test_' + headline]:.4f}"})
+    finally:
+        bar.close()
+
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
+    if state.ema_params is not None:
+        final.update({f"ema_test_{k}": v for k, v in evaluate(
+            eval_step, state.ema_params, dataset.test, config.eval_batch_size, batch_sharding).items()})
+    result = Result(model.name, model.style, dataset.name, config, state.params, state.ema_params,
+                    history, step_times, step_losses,
+                    [float(schedule(i)) for i in range(first_step, first_step + len(step_losses))], final)
+    if out_dir is not None:
+        write_outputs(result, Path(out_dir))
+    return result
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def write_outputs(result: Result, out_dir: Path) -> None:
+    write_json(out_dir / "metrics.json", result.metrics())
+    plot_curves(result, out_dir / "curves.png")
+
+
+def plot_curves(result: Result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kind = "classifier" if "test_accuracy" in (result.history[0] if result.history else {}) else "vae"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = np.arange(1, len(result.step_losses) + 1)
+    axes[0].plot(steps, result.step_losses, lw=0.8, alpha=0.5, label="train (per step)")
+    ep_steps = [h["step"] for h in result.history]
+    axes[0].plot(ep_steps, [h["train_loss"] for h in result.history], "o-", label="train (epoch mean)")
+    axes[0].plot(ep_steps, [h["test_loss"] for h in result.history], "s-", label="test")
+    axes[0].set(xlabel="step", ylabel="negative ELBO" if kind == "vae" else "cross-entropy", title="loss")
+    if kind == "classifier":
+        axes[0].set_yscale("log")
+        axes[1].plot(ep_steps, [100 * h["test_accuracy"] for h in result.history], "s-", color="C2")
+        axes[1].set(xlabel="step", ylabel="%", title="test accuracy")
+    else:
+        axes[1].plot(ep_steps, [h["test_bce"] for h in result.history], "s-", label="reconstruction (BCE)")
+        axes[1].plot(ep_steps, [h["test_kl"] for h in result.history], "s-", label="KL")
+        axes[1].set(xlabel="step", title="test loss terms")
+        axes[1].legend()
+    axes[2].plot(steps, result.step_lrs, color="C3")
+    axes[2].set(xlabel="step", title="learning rate")
+    axes[0].legend()
+    fig.suptitle(f"{result.model} / {result.style} on {result.dataset}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float(max(jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+

@@ -1,0 +1,65 @@
+"""The digits dataset and the batching shared by every style."""
+
+import numpy as np
+import pytest
+
+from shared import data
+from shared.styles import ZooError
+
+
+def test_digits_split_shapes_and_ranges(digits):
+    assert (len(digits.train), len(digits.test)) == (1437, 360)
+    assert digits.in_shape == (8, 8, 1) and digits.num_classes == 10
+    for split in (digits.train, digits.test):
+        assert split.images.dtype == np.float32 and split.labels.dtype == np.int32
+        assert split.images.min() == 0.0 and split.images.max() == 1.0
+        assert set(np.unique(split.labels)) == set(range(10))
+
+
+def test_digits_test_split_is_every_fifth_image(digits):
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    expected = np.rint(raw.images[::5] * (255 / 16)).astype(np.float32)[..., None] / 255
+    # TFDS stores records in its own order: compare as sorted multisets of (label, pixels).
+    def rows(images, labels):
+        flat = np.concatenate([labels[:, None].astype(np.float32), images.reshape(len(labels), -1)], 1)
+        return flat[np.lexsort(flat.T[::-1])]
+
+    np.testing.assert_array_equal(rows(digits.test.images, digits.test.labels),
+                                  rows(expected, raw.target[::5]))
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(digits):
+    a = data.train_batches(digits.train, 32, seed=1, epoch=0)
+    b = data.train_batches(digits.train, 32, seed=1, epoch=0)
+    c = data.train_batches(digits.train, 32, seed=1, epoch=1)
+    d = data.train_batches(digits.train, 32, seed=2, epoch=0)
+    np.testing.assert_array_equal(a[3]["image"], b[3]["image"])
+    assert not np.array_equal(a[3]["image"], c[3]["image"])
+    assert not np.array_equal(a[3]["image"], d[3]["image"])
+    assert len(a) == 1437 // 32 and a[0]["image"].shape == (32, 8, 8, 1)
+
+
+def test_eval_batches_cover_every_example_once(digits):
+    seen = []
+    for batch in data.eval_batches(digits.test, 128):
+        assert batch["image"].shape[0] == 128
+        seen.append(batch["label"][batch["mask"] > 0])
+    assert sum(len(s) for s in seen) == 360
+    np.testing.assert_array_equal(np.concatenate(seen), digits.test.labels)
+
+
+def test_second_load_reads_the_built_dataset(digits, data_dir):
+    again = data.load("digits", data_dir)
+    np.testing.assert_array_equal(again.train.labels, digits.train.labels)
+
+
+def test_unknown_dataset_names_the_choices(data_dir):
+    with pytest.raises(ZooError, match="digits, mnist, fashion_mnist"):
+        data.load("cifar", data_dir)
+
+
+def test_batch_larger_than_split_is_refused(digits):
+    with pytest.raises(ZooError, match="larger than"):
+        data.train_batches(digits.test, 1000, seed=0, epoch=0)
