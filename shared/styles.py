@@ -225,17 +225,27 @@ def _build_haiku(name, module, kwargs, compute, in_shape):
 
     kwargs = {k: v for k, v in kwargs.items() if k not in INFERRED}
     cls = getattr(module, CLASS_NAMES[name])
-    if compute is not None:
-        import jmp  # Haiku's mixed-precision idiom: a policy attached to the module class
+
+    def under_policy(fn: Callable) -> Callable:
+        """Haiku's mixed-precision idiom: a jmp policy attached to the module class.
+
+        push_policy scopes it to this trace, so a bfloat16 model and a float32
+        one can be built side by side.
+        """
+        if compute is None:
+            return fn
+        import jmp
 
         policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
-        hk.mixed_precision.set_policy(cls, policy)
-    else:
-        hk.mixed_precision.clear_policy(cls)
+
+        def with_policy(*args):
+            with hk.mixed_precision.push_policy(cls, policy):
+                return fn(*args)
+        return with_policy
 
     if name == "vae":
-        forward = hk.transform(lambda x, y: cls(**kwargs)(x, y))
-        sample = hk.transform(lambda z, y: cls(**kwargs).generate(z, y))
+        forward = hk.transform(under_policy(lambda x, y: cls(**kwargs)(x, y)))
+        sample = hk.transform(under_policy(lambda z, y: cls(**kwargs).generate(z, y)))
         dummy = _dummy_inputs(in_shape)
 
         def init(key):
@@ -249,7 +259,7 @@ def _build_haiku(name, module, kwargs, compute, in_shape):
         def generate(params, z, labels):
             return _to_float32(sample.apply(params, None, z, labels))
     else:
-        forward = hk.transform(lambda x: cls(**kwargs)(x))
+        forward = hk.transform(under_policy(lambda x: cls(**kwargs)(x)))
         dummy = _dummy_inputs(in_shape)
 
         def init(key):
