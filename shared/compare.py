@@ -12,7 +12,8 @@ import jax
 
 from shared import data as data_lib
 from shared import styles as styles_lib
-from shared.train import Result, TrainConfig, count_params, max_abs_diff, train
+from shared.convert import flatten_canonical
+from shared.train import Result, TrainConfig, count_params, max_abs_diff, train, trainable_labels
 from zoo import STYLES
 
 ROW_KEYS = ("style", "params", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
@@ -52,6 +53,14 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "step_ratio": result.step_ms / reference.step_ms,
             "max_param_diff": max_abs_diff(canonical, reference_params),
         }
+        if config.freeze or config.train_only:
+            # Largest change of any frozen parameter from the common start: 0.0 means untouched.
+            labels = models[style].converter.treedef.flatten_up_to(trainable_labels(models[style], config))
+            start = flatten_canonical(init_canonical)
+            end = flatten_canonical(canonical)
+            frozen = [r.canonical for r, label in zip(models[style].converter.rules, labels) if label == "frozen"]
+            row["frozen"] = len(frozen)
+            row["frozen_max_change"] = max(float(jax.numpy.max(jax.numpy.abs(end[p] - start[p]))) for p in frozen)
         if "ema_test_loss" in result.final:
             row["ema_test_loss"] = result.final["ema_test_loss"]
             row["ema_test_accuracy"] = result.final.get("ema_test_accuracy")

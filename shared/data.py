@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,11 +122,12 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None,
     check_choice("dataset", name, DATASETS)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     cls = _builder_class(name)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about a not-yet-built folder
     builder = cls(data_dir=str(data_dir), file_format="array_record")
-    with _lock(data_dir / f".{cls.name}.lock"):
+    # TFDS prints its build messages to stdout: keep stdout for results (zoo compare --json).
+    with _lock(data_dir / f".{cls.name}.lock"), contextlib.redirect_stdout(sys.stderr):
         if not builder.is_prepared():
             tfds.disable_progress_bar()
-            absl_logging.set_verbosity(absl_logging.ERROR)
             config = tfds.download.DownloadConfig(
                 manual_dir=str(Path(manual_dir).expanduser()) if manual_dir else None)
             try:

@@ -132,7 +132,9 @@ def make_optimizer(config: TrainConfig, total_steps: int, labels: Any | None) ->
     if labels is None:
         return base
     # Frozen leaves get zero updates and no optimiser state at all.
-    return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
+    # The labels go in behind a function: an Equinox module is callable, and
+    # optax would otherwise call it as if it were a labelling function.
+    return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, lambda _: labels)
 
 
 # --------------------------------------------------------------------------- steps

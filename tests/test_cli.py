@@ -66,9 +66,10 @@ def test_train_writes_metrics_and_curves(tmp_path, data_dir, capsys):
     assert "test_accuracy" in capsys.readouterr().out
 
 
-def test_compare_json_rows(tmp_path, data_dir):
+def test_compare_json_rows(tmp_path):
     """The real command in a fresh process: JSON rows on stdout, nothing else."""
-    proc = run_zoo("compare", "mlp", "--epochs", "2", "--json", "--data-dir", str(data_dir),
+    # A fresh data dir: building the dataset must not print to stdout either.
+    proc = run_zoo("compare", "mlp", "--epochs", "2", "--json", "--data-dir", str(tmp_path / "tfds"),
                    "--styles", "flax,equinox", "--out", str(tmp_path / "c.json"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
