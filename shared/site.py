@@ -1,0 +1,583 @@
+"""``zoo site``: a static HTML catalogue, one page per model with every style side by side.
+
+Everything on the pages is taken from the code when the site is built: the
+files themselves (aligned by :func:`shared.catalogue.align`, highlighted by
+pygments), each style's parameter tree (``jax.eval_shape`` of its ``init``)
+and its mapping to the canonical layout (the converter's rules), each style's
+default initialiser (measured on a fresh ``init``), the frameworks' padding
+defaults (their signatures), and the results under ``runs/`` that
+``zoo compare``, ``zoo bench`` and ``zoo train`` wrote. Every row of the table
+of differences names the tests that check it, and the page quotes those tests.
+
+The pages are plain HTML and CSS (jinja2 templates in ``shared/templates``):
+no server, no JavaScript; open ``index.html`` from the file system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared import catalogue
+from shared.catalogue import ALIGN_ORDER, ANCHOR, REFERENCE, TITLES
+from zoo import MODELS, STYLES
+
+IN_SHAPE = (28, 28, 1)  # parameter tables are shown for MNIST-sized inputs
+# Distinct header colours per style; the browser test finds each of them in the screenshot.
+COLOURS = {"jax": "#3b5bdb", "flax": "#2b8a3e", "nnx": "#0b7285", "haiku": "#c92a2a", "equinox": "#862e9c"}
+DESCRIPTIONS = {
+    "mlp": "Flatten, then Dense → ReLU per hidden size (default 128, 128), then Dense logits.",
+    "cnn": "The CNN of Flax's MNIST example: conv 32 → ReLU → avg pool → conv 64 → ReLU → avg pool "
+           "→ dense 256 → ReLU → dense 10, for any input size.",
+    "vae": "A class-conditional VAE (encoder and decoder see the one-hot label), 20 latents and 500 "
+           "hidden units as in Flax's VAE example; loss = negative ELBO.",
+}
+
+
+# --------------------------------------------------------------------------- initialisers
+
+
+def truncated_normal_std(cut: float = 2.0) -> float:
+    """Standard deviation of a standard normal truncated to ``[-cut, cut]``."""
+    mass = math.erf(cut / math.sqrt(2))
+    density = math.exp(-cut * cut / 2) / math.sqrt(2 * math.pi)
+    return math.sqrt(1 - 2 * cut * density / mass)
+
+
+@dataclasses.dataclass(frozen=True)
+class Initialiser:
+    name: str
+    detail: str
+    spread: float  # std * sqrt(fan_in)
+    bound: float  # max |w| * sqrt(fan_in) the distribution can reach
+
+
+TRUNCATED = truncated_normal_std(2.0)
+KNOWN_INITIALISERS = (
+    Initialiser("LeCun normal", "normal truncated at ±2σ, rescaled to std 1/√fan_in", 1.0, 2 / TRUNCATED),
+    Initialiser("truncated normal", f"stddev 1/√fan_in cut at ±2σ: real std {TRUNCATED:.4f}/√fan_in",
+                TRUNCATED, 2.0),
+    Initialiser("uniform", "uniform in ±1/√fan_in: std 1/√(3·fan_in)", 1 / math.sqrt(3), 1.0),
+)
+SPREAD_RTOL = 0.05  # the known spreads differ by 12% or more; pooled estimates are within 1%
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One style's initialiser for one kind of leaf, measured over every such leaf of a model."""
+
+    spread: float  # std of w * sqrt(fan_in), pooled
+    bound: float  # max |w| * sqrt(fan_in)
+    count: int
+
+    @property
+    def initialiser(self) -> Initialiser | None:
+        if self.spread == 0.0:
+            return Initialiser("zeros", "all zero", 0.0, 0.0)
+        for known in KNOWN_INITIALISERS:
+            if abs(self.spread / known.spread - 1) <= SPREAD_RTOL and self.bound <= known.bound * 1.001:
+                return known
+        return None
+
+    @property
+    def label(self) -> str:
+        known = self.initialiser
+        return known.name if known else f"unrecognised (std·√fan_in {self.spread:.3f})"
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+    """Inputs per output unit of a canonical kernel: ``(in, out)`` or HWIO."""
+    return int(math.prod(shape[:-1]))
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass
+class Leaf:
+    native: str
+    shape: tuple[int, ...]
+    dtype: str
+    canonical: str
+    canonical_shape: tuple[int, ...]
+    layout: str
+    kind: str  # "kernel" or "bias"
+    spread: float | None  # this leaf's std * sqrt(fan_in), when measured
+    init: str = ""
+
+
+@dataclasses.dataclass
+class StyleParams:
+    style: str
+    leaves: list[Leaf]
+    measured: dict[str, Measured]  # "kernel"/"bias" -> pooled measurement
+    total: int
+
+
+def _fresh_inits(nets: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """Every model's canonical parameters from a fresh ``init``, drawn in one compiled call.
+
+    One jit for all of them, compiled at a low optimisation level: compiling the
+    random initialisers is what costs here (seconds each at the default level,
+    and hundreds of small compilations if run eagerly), not running them.
+    """
+    import jax
+
+    from shared.convert import flatten_canonical
+
+    def inits(key):
+        return {f"{m}/{s}": flatten_canonical(net.to_canonical(net.init(key))) for (m, s), net in nets.items()}
+
+    key = jax.random.key(0)
+    lowered = jax.jit(inits).lower(key)
+    try:
+        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0,
+                                                     "xla_llvm_disable_expensive_passes": True})
+    except Exception:  # an XLA without these options: compile as usual
+        compiled = lowered.compile()
+    out = jax.device_get(compiled(key))
+    return {(m, s): {k: np.asarray(v, np.float64) for k, v in out[f"{m}/{s}"].items()} for m, s in nets}
+
+
+def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
+                    in_shape: tuple[int, int, int] = IN_SHAPE,
+                    measure: bool = True) -> dict[tuple[str, str], StyleParams]:
+    """Each style's parameter tree, its canonical mapping and (``measure``) its
+    default initialiser, all from the code: ``jax.eval_shape`` of ``init``, the
+    converter's rules, and a fresh ``init``."""
+    import jax
+
+    from shared import styles as styles_lib
+    from shared.convert import flatten_canonical
+
+    nets = {(m, s): styles_lib.build(m, s, in_shape=in_shape) for m in models for s in styles}
+    values = _fresh_inits(nets) if measure else {}
+    out = {}
+    for (m, s), net in nets.items():
+        template = jax.eval_shape(net.init, jax.random.key(0))
+        canonical_shapes = {k: tuple(v.shape) for k, v in
+                            flatten_canonical(jax.eval_shape(net.to_canonical, template)).items()}
+        leaves, pooled = [], {}
+        for rule, leaf in zip(net.converter.rules, jax.tree.leaves(template)):
+            parent, _, kind = rule.canonical.rpartition("/")
+            spread = None
+            if measure:
+                fan_in = _fan_in(canonical_shapes[f"{parent}/kernel" if parent else "kernel"])
+                scaled = values[m, s][rule.canonical].ravel() * math.sqrt(fan_in)
+                pooled.setdefault(kind, []).append(scaled)
+                spread = float(scaled.std())
+            leaves.append(Leaf(rule.native, tuple(leaf.shape), str(leaf.dtype), rule.canonical,
+                               canonical_shapes[rule.canonical], rule.layout.note, kind, spread))
+        measured = {}
+        for kind, parts in pooled.items():
+            both = np.concatenate(parts)
+            measured[kind] = Measured(float(both.std()), float(np.abs(both).max()), both.size)
+        for leaf in leaves:
+            leaf.init = measured[leaf.kind].label if leaf.kind in measured else ""
+        out[m, s] = StyleParams(s, leaves, measured, sum(math.prod(leaf.shape) for leaf in leaves))
+    return out
+
+
+def pool(analyses: Iterable[StyleParams]) -> dict[str, dict[str, Measured]]:
+    """Per style and kind, the measurements of several models pooled (weighted by count)."""
+    out: dict[str, dict[str, list[Measured]]] = {}
+    for a in analyses:
+        for kind, m in a.measured.items():
+            out.setdefault(a.style, {}).setdefault(kind, []).append(m)
+    pooled: dict[str, dict[str, Measured]] = {}
+    for style, kinds in out.items():
+        for kind, ms in kinds.items():
+            n = sum(m.count for m in ms)
+            spread = math.sqrt(sum(m.spread ** 2 * m.count for m in ms) / n)  # the means are ~0
+            pooled.setdefault(style, {})[kind] = Measured(spread, max(m.bound for m in ms), n)
+    return pooled
+
+
+# --------------------------------------------------------------------------- differences
+
+
+@dataclasses.dataclass
+class Difference:
+    """One row of the porting table: what each style does, and the tests that hold it to that."""
+
+    topic: str
+    cells: dict[str, str]  # style -> text; `code` in backticks
+    tests: tuple[str, ...]
+
+
+def _default(fn: Any, param: str) -> str:
+    """The default of ``param`` in ``fn``'s signature, as code, or a note that there is none."""
+    target = fn.__init__ if isinstance(fn, type) else fn
+    parameter = inspect.signature(target).parameters[param]
+    if parameter.default is inspect.Parameter.empty:
+        return "no default: must be given"
+    return f"`{param}={parameter.default!r}`"
+
+
+def _takes(fn: Any, names: set[str]) -> list[str]:
+    target = fn.__init__ if isinstance(fn, type) else fn
+    return [p for p in inspect.signature(target).parameters if p in names]
+
+
+def differences(measured: dict[str, dict[str, Measured]],
+                layouts: dict[str, StyleParams] | None = None) -> list[Difference]:
+    """The rows of the porting table: initialisers from ``measured`` (see :func:`pool`),
+    layouts from the CNN's parameter trees (``layouts``, per style; built here at
+    :data:`IN_SHAPE` when not given), defaults from the frameworks' signatures."""
+    import importlib
+
+    import equinox as eqx
+    import flax.linen as linen
+    import haiku as hk
+    import jax
+    from flax import nnx
+
+    from shared import styles
+
+    params = layouts or {s: p for (_, s), p in parameter_trees(["cnn"], measure=False).items()}
+    rules = {s: {l.canonical: l for l in p.leaves} for s, p in params.items()}
+
+    def init_cell(style: str, kind: str) -> str:
+        m = measured[style][kind]
+        known = m.initialiser
+        if known is None:
+            return m.label
+        if known.name == "zeros":
+            return "zeros"
+        return f"{known.name}: {known.detail} (measured std·√fan_in {m.spread:.3f})"
+
+    def layout_cell(style: str, path: str, canonical: str) -> str:
+        leaf = rules[style][path]
+        shape = ", ".join(map(str, leaf.shape))
+        if leaf.layout == "same layout":
+            return f"`({shape})`: {canonical}, as canonical"
+        return f"`({shape})`: {leaf.layout}"
+
+    def inputs_cell(style: str) -> str:
+        module = importlib.import_module(f"zoo.{style}.cnn")
+        entry = module.init if style == "jax" else getattr(module, styles.CLASS_NAMES["cnn"])
+        given = _takes(entry, styles.INFERRED)
+        if given:
+            return f"given up front: `{given[0]}`"
+        return "inferred from an example batch at `init`"
+
+    padding = {
+        "jax": f"`lax.conv_general_dilated`: {_default(jax.lax.conv_general_dilated, 'padding')}",
+        "flax": f"`nn.Conv`: {_default(linen.Conv, 'padding')}",
+        "nnx": f"`nnx.Conv`: {_default(nnx.Conv, 'padding')}",
+        "haiku": f"`hk.Conv2D`: {_default(hk.Conv2D, 'padding')}",
+        "equinox": f"`eqx.nn.Conv2d`: {_default(eqx.nn.Conv2d, 'padding')} (no padding)",
+    }
+    pooling = {
+        "jax": f"`lax.reduce_window`: {_default(jax.lax.reduce_window, 'padding')}",
+        "flax": f"`nn.avg_pool`: {_default(linen.avg_pool, 'padding')}",
+        "nnx": f"`nnx.avg_pool`: {_default(nnx.avg_pool, 'padding')}",
+        "haiku": f"`hk.avg_pool`: {_default(hk.avg_pool, 'padding')}",
+        "equinox": f"`eqx.nn.AvgPool2d`: {_default(eqx.nn.AvgPool2d, 'padding')} (no padding)",
+    }
+    example = {s: f"`{rules[s]['conv1/kernel'].native}`" for s in STYLES}
+    return [
+        Difference("Default kernel initialiser", {s: init_cell(s, "kernel") for s in STYLES},
+                   ("zoo/test_initialisers.py::test_default_initialiser",)),
+        Difference("Default bias initialiser", {s: init_cell(s, "bias") for s in STYLES},
+                   ("zoo/test_initialisers.py::test_default_initialiser",)),
+        Difference("Dense kernels", {s: layout_cell(s, "dense2/kernel", "(in, out)") for s in STYLES},
+                   ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",
+                    "zoo/test_parity.py::test_round_trip_is_exact")),
+        Difference("Conv kernels", {s: layout_cell(s, "conv1/kernel", "HWIO") for s in STYLES},
+                   ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",
+                    "zoo/test_parity.py::test_forward_matches_reference")),
+        Difference("Conv biases", {s: layout_cell(s, "conv1/bias", "(out,)") for s in STYLES},
+                   ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",)),
+        Difference("Images", {s: ("one `CHW` image: `jax.vmap` over the batch" if s == "equinox"
+                                  else "`NHWC` batches") for s in STYLES},
+                   ("zoo/test_parity.py::test_forward_matches_reference",)),
+        Difference("First dense layer after a flatten",
+                   {s: layout_cell(s, "dense1/kernel", "rows in HWC order") for s in STYLES},
+                   ("tests/test_convert.py::test_a_wrong_flatten_permutation_is_caught",)),
+        Difference("Input sizes", {s: inputs_cell(s) for s in STYLES},
+                   ("zoo/test_parity.py::test_parameter_tree_maps_one_to_one",)),
+        Difference("Conv padding default", padding, ("zoo/test_parity.py::test_forward_matches_reference",)),
+        Difference("Pooling padding default", pooling, ("zoo/test_parity.py::test_forward_matches_reference",)),
+        Difference("Randomness", {
+            "jax": "a key argument: `apply(params, x, labels, key)`",
+            "flax": "a key argument (`z_rng`); `self.make_rng` would fold in the module path and "
+                    "draw different noise",
+            "nnx": "an `nnx.Rngs` stream: `rngs.noise()` is `fold_in(key, n)` on the n-th call",
+            "haiku": "`hk.next_rng_key()` draws from the sequence `apply(params, rng, ...)` builds: "
+                     "never `rng` itself",
+            "equinox": "a `key=` keyword argument",
+        }, ("zoo/test_parity.py::test_vae_draws_the_same_noise",)),
+        Difference("Parameters and state", {
+            "jax": f"a nested dict you build and pass: {example['jax']}",
+            "flax": f"`init` returns `{{'params': ...}}`; the module holds none: {example['flax']}",
+            "nnx": f"the module object holds them; `nnx.split` gives (graphdef, state): {example['nnx']}",
+            "haiku": f"`hk.transform` gives pure `init`/`apply`; a flat dict by module path: "
+                     f"{example['haiku']}",
+            "equinox": f"the module is the pytree; `eqx.partition` splits out the arrays: "
+                       f"{example['equinox']}",
+        }, ("zoo/test_parity.py::test_parameter_tree_maps_one_to_one",
+            "zoo/test_parity.py::test_round_trip_is_exact")),
+    ]
+
+
+# --------------------------------------------------------------------------- code
+
+
+def code_view(model: str) -> dict[str, Any]:
+    """The aligned, highlighted rows of every style's file, with the lines that
+    differ from the reference and from the anchor's line on the same row marked."""
+    import pygments
+    from markupsafe import Markup
+    from pygments.formatters import HtmlFormatter
+
+    sources = {s: catalogue.source_path(model, s).read_text() for s in STYLES}
+    lines = {s: text.splitlines() for s, text in sources.items()}
+    formatter = HtmlFormatter(nowrap=True)
+    html = {s: [Markup(pygments.format(t, formatter).rstrip("\n")) for t in catalogue.token_lines(text)]
+            for s, text in sources.items()}
+    from_reference = {s: (catalogue.differs_from_reference(lines[s], lines[REFERENCE]) if s != REFERENCE
+                          else set()) for s in STYLES}
+    rows = []
+    counts = {s: {"lines": len(lines[s]), "ref": len(from_reference[s]), "row": 0} for s in STYLES}
+    for row in catalogue.align({s: lines[s] for s in ALIGN_ORDER}, ANCHOR):
+        anchor_text = lines[ANCHOR][row[ANCHOR]].strip() if ANCHOR in row else None
+        cells = []
+        for s in STYLES:
+            if s not in row:
+                cells.append({"style": s, "pad": True})
+                continue
+            i = row[s]
+            text = lines[s][i].strip()
+            off_row = s != ANCHOR and bool(text) and text != anchor_text
+            counts[s]["row"] += off_row
+            cells.append({"style": s, "pad": False, "number": i + 1, "html": html[s][i],
+                          "ref": i in from_reference[s], "row": off_row})
+        rows.append(cells)
+    return {"rows": rows, "counts": counts}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _mtime(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Assets:
+    """Copies the images a page shows into the site, so the site stands alone."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def copy(self, src: Path, name: str) -> str:
+        dest = self.out / "img" / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        return f"img/{name}"
+
+
+def results(model: str, runs: Path, assets: Assets) -> dict[str, Any]:
+    """What ``zoo compare``, ``zoo bench`` and ``zoo train`` left under ``runs`` for ``model``."""
+    compares = []
+    for path in sorted(runs.glob(f"compare-{model}-*.json")):
+        data = _read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]:
+            compares.append({"file": path.name, "when": _mtime(path), "dataset": data.get("dataset", "?"),
+                             "precision": data.get("precision", "?"), "config": data.get("config") or {},
+                             "rows": data["rows"]})
+    bench_dir = runs / "bench"
+    bench_rows = _read_json(bench_dir / "bench.json")
+    bench = None
+    if isinstance(bench_rows, dict):
+        bench_rows = bench_rows.get("rows")
+    if isinstance(bench_rows, list):
+        rows = [r for r in bench_rows if isinstance(r, dict) and r.get("model") == model]
+        if rows:
+            bench = {"rows": rows, "when": _mtime(bench_dir / "bench.json"),
+                     "device": rows[0].get("device", ""), "image": None, "markdown": None}
+            if (bench_dir / "bench.png").is_file():
+                bench["image"] = assets.copy(bench_dir / "bench.png", "bench.png")
+            if (bench_dir / "bench.md").is_file():
+                bench["markdown"] = assets.copy(bench_dir / "bench.md", "bench.md")
+    trained = []
+    for style in STYLES:
+        for folder in sorted(runs.glob(f"{model}-{style}-*")):
+            metrics = _read_json(folder / "metrics.json")
+            if not folder.is_dir() or not isinstance(metrics, dict):
+                continue
+            entry = {"style": style, "folder": folder.name, "dataset": metrics.get("dataset", "?"),
+                     "final": metrics.get("final") or {}, "when": _mtime(folder / "metrics.json"),
+                     "curves": None, "samples": None}
+            if (folder / "curves.png").is_file():
+                entry["curves"] = assets.copy(folder / "curves.png", f"{folder.name}-curves.png")
+            if (folder / "samples.png").is_file():
+                entry["samples"] = assets.copy(folder / "samples.png", f"{folder.name}-samples.png")
+            trained.append(entry)
+    return {"compare": compares, "bench": bench, "trained": trained}
+
+
+# --------------------------------------------------------------------------- tests cited
+
+
+def repo_root() -> Path:
+    return catalogue.source_path(MODELS[0], STYLES[0]).parents[2]
+
+
+def test_source(name: str) -> str | None:
+    """The source of the test ``path::function``; None when the file is not here (an
+    installed package has ``zoo/`` but not ``tests/``). A test named on the page
+    that its file lacks is an error: the page would cite a check that does not exist."""
+    path, _, function = name.partition("::")
+    file = repo_root() / path
+    if not file.is_file():
+        return None
+    text = file.read_text()
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+            return "\n".join(text.splitlines()[start - 1:node.end_lineno])
+    raise ValueError(f"the site cites {name}, but {path} has no function {function}")
+
+
+def test_anchor(name: str) -> str:
+    return "test-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _environment():
+    import jinja2
+    from markupsafe import Markup, escape
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("shared", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+
+    def ticks(text: str) -> Markup:
+        parts = str(text).split("`")
+        return Markup("").join(escape(p) if k % 2 == 0 else Markup("<code>") + escape(p) + Markup("</code>")
+                               for k, p in enumerate(parts))
+
+    def number(value: Any, spec: str = ".4f") -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        try:
+            return format(value, spec)
+        except (TypeError, ValueError):
+            return str(value)
+
+    env.filters.update(ticks=ticks, number=number, anchor=test_anchor, shape=lambda s: f"({', '.join(map(str, s))})")
+    env.globals.update(TITLES=TITLES, COLOURS=COLOURS, STYLES=STYLES, MODELS=MODELS, ANCHOR=ANCHOR,
+                       REFERENCE=REFERENCE, DESCRIPTIONS=DESCRIPTIONS)
+    return env
+
+
+def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
+    import pygments
+    from markupsafe import Markup
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    names = list(dict.fromkeys(t for row in rows for t in row.tests))
+    cited = []
+    for name in names:
+        source = test_source(name)
+        html = Markup(pygments.highlight(source, PythonLexer(), HtmlFormatter(nowrap=True))) if source else None
+        cited.append({"name": name, "html": html})
+    return cited
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically, so an interrupted build never leaves half a page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = MODELS) -> list[Path]:
+    """Write ``index.html``, one page per model, the CSS and the images; return the pages."""
+    from pygments.formatters import HtmlFormatter
+
+    from shared.styles import ZooError
+
+    out, runs = Path(out), Path(runs)
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"--out {out} is a file; give a folder for the site")
+    if runs.exists() and not runs.is_dir():
+        raise ZooError(f"--runs {runs} is a file; give the folder zoo compare, bench and train write to")
+    env = _environment()
+    assets = Assets(out)
+    built = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    css = (env.loader.get_source(env, "site.css")[0] + "\n/* pygments */\n"
+           + HtmlFormatter(style="default").get_style_defs([".code td.src", "pre.hl"]))
+    _write(out / "site.css", css)
+    trees = parameter_trees(models)
+    layouts = ({s: trees["cnn", s] for s in STYLES} if "cnn" in models
+               else {s: p for (_, s), p in parameter_trees(["cnn"], measure=False).items()})
+    common = {"built": built, "runs": str(runs), "models": list(models)}
+    pages = []
+    for model in models:
+        params = {s: trees[model, s] for s in STYLES}
+        rows = differences(pool(params.values()), layouts)
+        page = env.get_template("model.html").render(
+            model=model, code=code_view(model), params=params, differences=rows, cited=_cited(rows),
+            results=results(model, runs, assets), in_shape=IN_SHAPE, known=KNOWN_INITIALISERS, **common)
+        _write(out / f"{model}.html", page)
+        pages.append(out / f"{model}.html")
+    rows = differences(pool(trees.values()), layouts)
+    index = env.get_template("index.html").render(differences=rows, cited=_cited(rows), **common)
+    _write(out / "index.html", index)
+    return [out / "index.html", *pages]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def model_list(text: str) -> tuple[str, ...]:
+        models = tuple(m.strip() for m in text.split(",") if m.strip())
+        bad = [m for m in models if m not in MODELS]
+        if bad or not models:
+            raise argparse.ArgumentTypeError(
+                f"unknown model {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(MODELS)}")
+        return models
+
+    p = sub.add_parser("site", help="write the static HTML catalogue (every style side by side)",
+                       description="Write a static HTML catalogue: one page per model with every style "
+                                   "side by side, parameter trees, the porting differences and the latest "
+                                   "results found under --runs. Open OUT/index.html in a browser.")
+    p.add_argument("--out", default="site", help="output folder (default: site)")
+    p.add_argument("--runs", default="runs", help="where zoo compare/bench/train wrote results (default: runs)")
+    p.add_argument("--models", type=model_list, default=MODELS, help="comma separated (default: all)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pages = build(args.out, args.runs, args.models)
+    print(f"wrote {len(pages)} pages to {args.out}/; open {pages[0].resolve().as_uri()}")
+    return 0
