@@ -9,6 +9,7 @@ with exit status 2 and no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -109,6 +110,42 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="save checkpoints here (any style can resume them)")
+    p.add_argument("--save-every", type=positive_int, metavar="STEPS",
+                   help="save every STEPS steps (default: at the end of every epoch); always at the end")
+    p.add_argument("--keep", type=positive_int, metavar="N", help="keep the newest N checkpoints (default: 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir; options not given are "
+                        "taken from it")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from these trained parameters (any style; fresh optimiser, step 0)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of a multi-host run: calls jax.distributed.initialize() (found by itself "
+                        "under SLURM, Open MPI, Kubernetes and on TPU pods; elsewhere give the next three)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    p.add_argument("--num-processes", type=positive_int, metavar="N", help="how many processes take part")
+    p.add_argument("--process-id", type=non_negative_int, metavar="I", help="this process's rank, 0 to N-1")
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The destinations the command line really sets (not left at their defaults).
+
+    Parses ``argv`` again with every default suppressed, so that ``--resume``
+    can take the options the user left out from the checkpoint.
+    """
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        current._defaults.clear()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="zoo", description="The same JAX models in five styles: train, compare, browse.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -121,6 +158,7 @@ def build_parser() -> Parser:
     add_data_args(p)
     add_train_args(p)
     p.add_argument("--out", help="output folder (default: runs/MODEL-STYLE-DATASET)")
+    add_checkpoint_args(p)
 
     p = sub.add_parser("compare", help="train one model in every style from the same start and compare")
     add_model_args(p)
@@ -129,6 +167,8 @@ def build_parser() -> Parser:
     add_train_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start every style from these trained parameters (a checkpoint of any style)")
 
     for register in _extensions():
         register(sub)
@@ -181,16 +221,83 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from shared import data, styles, train
+# TrainConfig fields that --resume takes from the checkpoint unless given; devices is the machine's.
+RESUMED = ("epochs", "batch_size", "lr", "seed", "optimizer", "weight_decay", "momentum", "schedule",
+           "warmup_steps", "clip_norm", "ema", "freeze", "train_only", "eval_batch_size")
 
+
+def resume_from_checkpoint(args: argparse.Namespace) -> None:
+    """Fill the options the command line left out from the checkpoint being resumed."""
+    from shared import checkpoint
+    from shared.styles import ZooError
+
+    directory, step = checkpoint.resolve(args.checkpoint_dir)
+    meta = checkpoint.read_meta(directory, step)
+    if meta["model"] != args.model:
+        raise ZooError(f"cannot resume from {directory / str(step)}: model {meta['model']} there, "
+                       f"{args.model} here")
+    given = given_options(args.argv)
+    for name in ("dataset", "precision"):
+        if name not in given:
+            setattr(args, name, meta[name] if name in meta else getattr(args, name))
+    for name, value in meta["hparams"].items():
+        if name not in given:
+            setattr(args, name, tuple(value) if isinstance(value, list) else value)
+    stored = meta["config"]
+    args.resumed_config = {name: tuple(stored[name]) if isinstance(stored[name], list) else stored[name]
+                           for name in RESUMED if name in stored and name not in given}
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Join the other processes before JAX touches a device: then jax.devices() lists them all."""
+    import jax
+
+    from shared.styles import ZooError
+
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ZooError(f"could not join the distributed run ({first}); outside SLURM, Open MPI, Kubernetes "
+                       "and TPU pods give --coordinator, --num-processes and --process-id") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import jax
+
+    from shared import checkpoint, data, styles, train
+    from shared.styles import ZooError
+
+    if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
+        start_distributed(args)
+    if args.resume and not args.checkpoint_dir:
+        raise ZooError("--resume needs --checkpoint-dir DIR, the folder of the run to continue")
+    if args.resume and args.init_from:
+        raise ZooError("give either --resume (continue a run) or --init-from (start a new one from its "
+                       "parameters), not both")
+    for name in ("save_every", "keep"):
+        if getattr(args, name) is not None and not args.checkpoint_dir:
+            raise ZooError(f"--{name.replace('_', '-')} needs --checkpoint-dir DIR")
+    if args.resume:
+        resume_from_checkpoint(args)
     config = config_from(args)
+    config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
     config.validate()
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
     model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
                          precision=args.precision, **hparams_from(args))
+    init_params = checkpoint.read_params(args.init_from, model) if args.init_from else None
     out = Path(args.out or f"runs/{args.model}-{args.style}-{args.dataset}")
-    result = train.train(model, dataset, config, out_dir=out, progress=not args.no_progress)
+    if args.checkpoint_dir:
+        result = checkpoint.train(model, dataset, config, args.checkpoint_dir, save_every=args.save_every,
+                                  keep=args.keep or checkpoint.DEFAULT_KEEP, resume=args.resume,
+                                  init_params=init_params, out_dir=out, progress=not args.no_progress)
+    else:
+        result = train.train(model, dataset, config, init_params=init_params, out_dir=out,
+                             progress=not args.no_progress)
+    saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir else []  # every process: Orbax syncs
+    if jax.process_index() > 0:
+        return 0  # on several hosts, process 0 writes the outputs and reports
     final = result.final
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
     print(f"{args.model}/{args.style} on {args.dataset}: {summary}; "
@@ -198,9 +305,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if model.kind == "vae":
         from shared.sample import write_grid
 
-        write_grid(model, result.params, out / "samples.png", seed=config.seed)
+        # Host copies: on several hosts a computation on the global arrays would need every process.
+        write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
         print(f"samples: {out / 'samples.png'}")
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
+    if args.checkpoint_dir:
+        print(f"checkpoints: {args.checkpoint_dir} (steps {', '.join(map(str, saved))})")
     return 0
 
 
@@ -210,8 +320,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from(args)
     config.validate()
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+    init_canonical = None
+    if args.init_from:
+        from shared import checkpoint
+
+        init_canonical = checkpoint.read_canonical_params(
+            args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams_from(args))
     rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
-                              progress=not args.no_progress, hparams=hparams_from(args))
+                              progress=not args.no_progress, hparams=hparams_from(args),
+                              init_canonical=init_canonical)
     out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
     train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
                            "config": __import__("dataclasses").asdict(config), "rows": rows})
@@ -231,7 +348,9 @@ COMMANDS = {"list": cmd_list, "train": cmd_train, "compare": cmd_compare}
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     from shared.styles import ZooError
     from shared.train import NonFiniteError
 

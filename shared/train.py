@@ -218,25 +218,49 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or parameter."""
 
 
+@dataclasses.dataclass
+class RunLog:
+    """What a run has recorded so far: the loop appends to it as it goes.
+
+    ``on_step`` hooks read it (a checkpoint stores it), and a resumed run is
+    handed the stored one, so its metrics continue the interrupted run's
+    instead of starting over.
+    """
+
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    step_losses: list[float] = dataclasses.field(default_factory=list)
+
+
 def make_mesh(devices: int | None) -> Mesh:
-    available = jax.local_devices()
+    """A one-axis mesh over the first ``devices`` devices (default: all of them).
+
+    ``jax.devices()`` lists every process's devices after
+    ``jax.distributed.initialize``, so on several hosts the batch is split
+    over all of them; in one process they are its local devices.
+    """
+    available = jax.devices()
     count = len(available) if devices is None else devices
     if count > len(available):
         raise ZooError(f"--devices {count} asked for, but only {len(available)} "
                        f"{available[0].platform} device(s) are visible")
+    if jax.process_count() > 1 and count != len(available):
+        raise ZooError(f"--devices {count}: with {jax.process_count()} processes every one of the "
+                       f"{len(available)} devices takes part; leave --devices out")
     return Mesh(np.asarray(available[:count]), ("data",))
 
 
 def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
           init_params: Any = None, out_dir: str | Path | None = None,
           progress: bool = True, on_step: Callable[[int, TrainState], None] | None = None,
-          start: TrainState | None = None) -> Result:
+          start: TrainState | None = None, log: RunLog | None = None) -> Result:
     """Train ``model`` on ``dataset`` and return the trained parameters and metrics.
 
     ``init_params`` are the model's native parameters to start from (default:
     its own initialiser with the run's seed). ``on_step(step, state)`` is called
     after every step with the completed, finite state (checkpointing hooks in
-    there). ``start`` resumes from a saved state.
+    there); at the end of an epoch it comes after that epoch's evaluation, so
+    ``log`` then holds its record. ``start`` resumes from a saved state, and
+    ``log`` (what the run had recorded up to ``start``) continues its metrics.
     """
     from tqdm.auto import tqdm
 
@@ -270,16 +294,22 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     state = jax.device_put(start, replicated)
     # No buffer donation: the state after step t is still needed (for a
     # checkpoint) while step t + 1 runs.
-    train_step = jax.jit(make_train_step(model, optimizer, config, train_key))
+    # The outputs are pinned replicated: every device keeps the whole state,
+    # and XLA inserts the gradient all-reduce over the sharded batch itself.
+    train_step = jax.jit(make_train_step(model, optimizer, config, train_key), out_shardings=replicated)
     eval_step = jax.jit(make_eval_step(model, jax.random.split(train_key)[1]))
 
-    history: list[dict[str, float]] = []
+    log = RunLog() if log is None else log
+    history, step_losses = log.history, log.step_losses
     step_times: list[float] = []
-    step_losses: list[float] = []
     first_step = int(start.step)
-    bar = tqdm(total=total_steps, initial=first_step, disable=not progress, leave=False,
-               desc=f"{model.name}/{model.style}", unit="step", dynamic_ncols=True)
-    epoch_losses: list[float] = []
+    logged_from = first_step - len(step_losses)  # the step the log's first loss belongs to
+    if logged_from < 0:
+        raise ValueError(f"the log holds {len(step_losses)} step losses but the run starts at step {first_step}")
+    bar = tqdm(total=total_steps, initial=first_step, disable=not progress or jax.process_index() > 0,
+               leave=False, desc=f"{model.name}/{model.style}", unit="step", dynamic_ncols=True)
+    # A run resumed mid-epoch already has that epoch's first losses in the log.
+    epoch_losses = step_losses[max(first_step // steps_per_epoch * steps_per_epoch - logged_from, 0):]
     pending = None  # (step, loss, finite): results are fetched one step late to keep dispatch async
     last_time = time.perf_counter()
 
@@ -292,7 +322,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
         last_time = now
         if not math.isfinite(loss) or not all(bool(f) for f in jax.tree.leaves(finite)):
             flags = model.converter.treedef.flatten_up_to(finite)
-            bad = [r.canonical for r, f in zip(model.converter.rules, flags) if not bool(f)]
+            # Sorted, so that every style names the same parameter.
+            bad = sorted(r.canonical for r, f in zip(model.converter.rules, flags) if not bool(f))
             raise NonFiniteError(
                 f"non-finite {'loss' if not math.isfinite(loss) else 'gradient or parameter'} at step "
                 f"{index + 1}; first non-finite parameter: {bad[0] if bad else '(none: the loss itself)'}. "
@@ -317,8 +348,6 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
                 pending = (epoch * steps_per_epoch + index, loss, finite)
             if pending is not None:
                 settle(pending)
-                if on_step is not None:
-                    on_step(pending[0] + 1, state)
                 pending = None
             record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                       "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
@@ -330,6 +359,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
             headline = tasks.headline(model.kind)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}",
                             **{f"test_{headline}": f"{record['test_' + headline]:.4f}"})
+            if on_step is not None:
+                on_step((epoch + 1) * steps_per_epoch, state)
     finally:
         bar.close()
 
@@ -339,8 +370,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
             eval_step, state.ema_params, dataset.test, config.eval_batch_size, batch_sharding).items()})
     result = Result(model.name, model.style, dataset.name, config, state.params, state.ema_params,
                     history, step_times, step_losses,
-                    [float(schedule(i)) for i in range(first_step, first_step + len(step_losses))], final)
-    if out_dir is not None:
+                    [float(schedule(i)) for i in range(logged_from, logged_from + len(step_losses))], final)
+    if out_dir is not None and jax.process_index() == 0:  # one writer when several hosts train
         write_outputs(result, Path(out_dir))
     return result
 

@@ -1,0 +1,465 @@
+"""Checkpoints that every style can read: Orbax on disk, the canonical layout inside.
+
+A checkpoint of step ``N`` lives in ``DIR/N/`` (an ``orbax.checkpoint``
+``CheckpointManager`` folder) and holds four items:
+
+- ``params``, ``opt_state`` and ``ema``: arrays in the **canonical layout**
+  (:mod:`shared.convert`), so a checkpoint written by Haiku is resumed by
+  Equinox. In the optimiser state every subtree shaped like the parameters
+  (Adam's ``mu`` and ``nu``, SGD's ``trace``, inside ``multi_transform`` with
+  ``optax.MaskedNode`` where parameters are frozen) is converted; the other
+  leaves (step counts) are stored as they are.
+- ``meta``: JSON with the run's configuration (model, hyperparameters, input
+  shape, dataset, :class:`~shared.train.TrainConfig`, precision, the style
+  that wrote it, library versions), the step and the data order
+  ``(epoch, index)``, the run's metrics so far, and the shape, dtype and CRC-32
+  of every array. It is read and checked before any array is.
+
+Orbax writes each step into ``DIR/N.orbax-checkpoint-tmp-*`` and renames it
+into place once complete, so a crash during a save leaves the earlier steps as
+they were; an unfinished folder is never listed as a step, and is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import platform
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shared import data as data_lib
+from shared import styles as styles_lib
+from shared import train as train_lib
+from shared.convert import _key_name
+from shared.styles import Model, ZooError
+
+FORMAT = 1
+ARRAY_ITEMS = ("params", "opt_state", "ema")
+ITEMS = (*ARRAY_ITEMS, "meta")
+DEFAULT_KEEP = 3
+# TrainConfig fields a resumed run may change (the evaluation batch size has
+# no option on the command line). Everything else decides the optimiser
+# state's structure, the batch order or the trajectory, so it must match: to
+# continue from the parameters with other settings, use --init-from.
+RESUMABLE_CHANGES = ("epochs", "devices", "eval_batch_size")
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _params_like(model: Model):
+    treedef = model.converter.treedef
+
+    def check(node: Any) -> bool:
+        try:
+            treedef.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        return True
+    return check
+
+
+def to_canonical_tree(model: Model, tree: Any) -> Any:
+    """``tree`` with every subtree shaped like the parameters in the canonical layout."""
+    params_like = _params_like(model)
+    return jax.tree.map(lambda node: model.to_canonical(node) if params_like(node) else node,
+                        tree, is_leaf=params_like)
+
+
+def from_canonical_tree(model: Model, canonical: Any, like: Any) -> Any:
+    """The inverse of :func:`to_canonical_tree`; ``like`` is a native tree of the wanted structure."""
+    params_like = _params_like(model)
+    return jax.tree.map(lambda node, value: model.from_canonical(value) if params_like(node) else value,
+                        like, canonical, is_leaf=params_like)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """``{"0/mu/conv1/kernel": leaf, ...}``: every leaf by its "/"-joined path."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(_key_name(k)) for k in path): leaf for path, leaf in leaves}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+    return nested
+
+
+def _crc(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).tobytes())
+
+
+def _describe(array: Any) -> dict[str, Any]:
+    return {"shape": list(np.shape(array)), "dtype": str(np.dtype(array.dtype))}
+
+
+# --------------------------------------------------------------------------- orbax
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Orbax reports routine events as absl warnings; keep the CLI's stderr for real ones."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _manager(directory: Path, *, read_only: bool, keep: int | None = None):
+    import orbax.checkpoint as ocp
+
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    with _quiet():
+        return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
+
+
+def steps(directory: str | Path) -> list[int]:
+    """The complete checkpoints in ``directory``, oldest first (unfinished saves are not listed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    with _quiet():
+        manager = _manager(directory, read_only=True)
+        try:
+            return sorted(manager.all_steps())
+        finally:
+            manager.close()
+
+
+def resolve(path: str | Path) -> tuple[Path, int]:
+    """``(checkpoint folder, step)`` for a checkpoint folder (its newest step) or one step's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ZooError(f"checkpoint {path} does not exist")
+    if path.name.isdigit() and (path / "meta").exists():
+        if int(path.name) not in steps(path.parent):
+            raise ZooError(f"{path} is not a complete checkpoint (its save did not finish)")
+        return path.parent, int(path.name)
+    found = steps(path)
+    if not found:
+        raise ZooError(f"{path} holds no complete checkpoint; give a folder written by "
+                       "zoo train --checkpoint-dir, or one of its step folders")
+    return path, found[-1]
+
+
+def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
+    """The JSON metadata of one step, checked to be there and whole."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    manager = _manager(directory, read_only=True)
+    try:
+        with _quiet():
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as error:  # orbax and tensorstore raise many kinds; all mean the same here
+        raise _unreadable(directory, step, error) from None
+    finally:
+        manager.close()
+    required = {"format", "model", "hparams", "in_shape", "num_classes", "precision", "dataset", "config",
+                "step", "data_order", "arrays", "log"}
+    if not isinstance(meta, dict) or not required <= set(meta):
+        missing = sorted(required - set(meta)) if isinstance(meta, dict) else ["everything"]
+        raise _unreadable(directory, step, f"its metadata lacks {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise ZooError(f"checkpoint {directory / str(step)} has format {meta['format']}; "
+                       f"this zoo reads format {FORMAT}")
+    if meta["step"] != step:
+        raise _unreadable(directory, step, f"its metadata says step {meta['step']}")
+    return meta
+
+
+def _unreadable(directory: Path, step: int, why: Any) -> ZooError:
+    if isinstance(why, BaseException):
+        text = str(why).strip().splitlines()
+        why = f"{type(why).__name__}: {text[0] if text else ''}"[:300]
+    others = [s for s in steps(directory) if s != step]
+    hint = (f"; move {directory / str(step)} elsewhere to use step {others[-1]}, the newest other one"
+            if others else "")
+    return ZooError(f"checkpoint {directory / str(step)} is corrupted or truncated ({why}){hint}")
+
+
+def _restore_arrays(directory: Path, step: int, meta: dict[str, Any],
+                    expected: dict[str, dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """Restore the items of ``expected`` (``{item: {path: ShapeDtypeStruct}}``), checked against ``meta``."""
+    import orbax.checkpoint as ocp
+
+    stored = meta["arrays"]
+    for item, flat in expected.items():
+        have = {p[len(item) + 1:]: v for p, v in stored.items() if p.startswith(item + "/")}
+        missing, extra = sorted(set(flat) - set(have)), sorted(set(have) - set(flat))
+        if missing or extra:
+            raise ZooError(f"checkpoint {directory / str(step)} does not fit: its {item} "
+                           + (f"lacks {missing[0]}" if missing else f"has an extra {extra[0]}")
+                           + f" ({len(missing)} missing, {len(extra)} extra arrays); "
+                           "was it written with another --optimizer, --freeze or --ema?")
+        for path, want in flat.items():
+            got = have[path]
+            if list(want.shape) != got["shape"] or str(np.dtype(want.dtype)) != got["dtype"]:
+                raise ZooError(f"checkpoint {directory / str(step)} does not fit: {item}/{path} is "
+                               f"{got['dtype']}{tuple(got['shape'])} there, "
+                               f"{np.dtype(want.dtype)}{tuple(want.shape)} here")
+    targets = {item: _nest({p: np.zeros(v.shape, v.dtype) for p, v in flat.items()})
+               for item, flat in expected.items() if flat}
+    manager = _manager(directory, read_only=True)
+    try:
+        with _quiet():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(target) for item, target in targets.items()}))
+    except Exception as error:
+        raise _unreadable(directory, step, error) from None
+    finally:
+        manager.close()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for item, flat in expected.items():
+        values = flatten(restored[item]) if flat else {}
+        for path, value in values.items():
+            if _crc(np.asarray(value)) != stored[f"{item}/{path}"]["crc32"]:
+                raise _unreadable(directory, step, f"{item}/{path} does not match its checksum")
+        out[item] = values
+    return out
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"python": platform.python_version(),
+            **{name: version(name) for name in ("jax", "jaxlib", "optax", "orbax-checkpoint", "zoo")}}
+
+
+def run_config(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig) -> dict[str, Any]:
+    """The configuration part of the metadata: what the run was, in JSON types."""
+    return json.loads(json.dumps({
+        "format": FORMAT, "model": model.name, "hparams": model.hparams, "in_shape": model.in_shape,
+        "num_classes": model.num_classes, "precision": model.precision, "style": model.style,
+        "dataset": dataset.name, "train_examples": len(dataset.train),
+        "config": dataclasses.asdict(config), "versions": _versions()}))
+
+
+class Saver:
+    """The ``on_step`` hook that writes checkpoints of a run (see :func:`train`)."""
+
+    def __init__(self, directory: Path, model: Model, dataset: data_lib.Dataset,
+                 config: train_lib.TrainConfig, log: train_lib.RunLog, *, save_every: int, keep: int):
+        self.directory, self.model, self.log = directory, model, log
+        self.save_every = save_every
+        self.steps_per_epoch = len(dataset.train) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.meta = run_config(model, dataset, config)
+        self.keep = keep
+        self.manager = None  # opened at the first save: a run refused before it leaves no folder behind
+
+    def __call__(self, step: int, state: train_lib.TrainState) -> None:
+        if step % self.save_every == 0 or step == self.total_steps:
+            self.save(step, state)
+
+    def save(self, step: int, state: train_lib.TrainState) -> None:
+        import orbax.checkpoint as ocp
+
+        host = jax.device_get(state)
+        trees = {"params": self.model.to_canonical(host.params),
+                 "opt_state": to_canonical_tree(self.model, host.opt_state),
+                 "ema": None if host.ema_params is None else self.model.to_canonical(host.ema_params)}
+        flats = {item: {p: np.asarray(v) for p, v in flatten(tree).items()} for item, tree in trees.items()}
+        arrays = {f"{item}/{p}": {**_describe(v), "crc32": _crc(v)}
+                  for item, flat in flats.items() for p, v in flat.items()}
+        epoch, index = divmod(step, self.steps_per_epoch)
+        meta = {**self.meta, "step": step, "arrays": arrays,
+                "data_order": {"epoch": epoch, "index": index, "steps_per_epoch": self.steps_per_epoch},
+                # Copies: Orbax writes the JSON in the background while the loop appends to the log.
+                "log": {"history": [dict(h) for h in self.log.history],
+                        "step_losses": list(self.log.step_losses)}}
+        items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
+        if self.manager is None:
+            self.manager = _manager(self.directory, read_only=False, keep=self.keep)
+        with _quiet():
+            self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+
+    def close(self) -> None:
+        """Wait for a save still being written, then release the folder."""
+        if self.manager is None:
+            return
+        with _quiet():
+            self.manager.wait_until_finished()
+            self.manager.close()
+        self.manager = None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_resumable(meta: dict[str, Any], model: Model, dataset: data_lib.Dataset,
+                     config: train_lib.TrainConfig, where: Path) -> None:
+    here = run_config(model, dataset, config)
+    clashes = []
+    for key in ("model", "hparams", "in_shape", "num_classes", "precision", "dataset", "train_examples"):
+        if meta.get(key) != here[key]:
+            clashes.append(f"{key} {_show(meta.get(key))} there, {_show(here[key])} here")
+    for key, value in here["config"].items():
+        if key not in RESUMABLE_CHANGES and meta["config"].get(key) != value:
+            clashes.append(f"{key.replace('_', '-')} {_show(meta['config'].get(key))} there, {_show(value)} here")
+    if clashes:
+        raise ZooError(f"cannot resume from {where}: {'; '.join(clashes)}. Resume with the same settings "
+                       "(only --epochs and --devices may change), or start a new run "
+                       "from its parameters with --init-from")
+    order = meta["data_order"]
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    if (order["steps_per_epoch"] != steps_per_epoch
+            or order["epoch"] * order["steps_per_epoch"] + order["index"] != meta["step"]):
+        raise ZooError(f"cannot resume from {where}: its data order (epoch {order['epoch']}, batch "
+                       f"{order['index']} of {order['steps_per_epoch']}) does not fit step {meta['step']} "
+                       f"with {steps_per_epoch} batches per epoch")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "(" + ", ".join(map(str, value)) + ")"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_show(v)}" for k, v in value.items()) or "{}"
+    return str(value)
+
+
+def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset,
+                  config: train_lib.TrainConfig,
+                  step: int | None = None) -> tuple[train_lib.TrainState, train_lib.RunLog]:
+    """The training state and log of a checkpoint, in ``model``'s style, to resume the run.
+
+    The restore target is built from this style's own optimiser state, mapped
+    to the canonical layout, so any style reads any style's checkpoint.
+    """
+    directory = Path(directory)
+    if step is None:
+        directory, step = resolve(directory)
+    where = directory / str(step)
+    meta = read_meta(directory, step)
+    _check_resumable(meta, model, dataset, config, where)
+
+    steps_per_epoch = len(dataset.train) // config.batch_size
+    optimizer = train_lib.make_optimizer(config, steps_per_epoch * config.epochs,
+                                         train_lib.trainable_labels(model, config))
+    key = jax.random.key(0)
+    like_opt = jax.eval_shape(lambda k: optimizer.init(model.init(k)), key)
+    canonical_opt = jax.eval_shape(lambda k: to_canonical_tree(model, optimizer.init(model.init(k))), key)
+    canonical_params = jax.eval_shape(lambda k: model.to_canonical(model.init(k)), key)
+    expected = {"params": flatten(canonical_params), "opt_state": flatten(canonical_opt),
+                "ema": flatten(canonical_params) if config.ema is not None else {}}
+    values = _restore_arrays(directory, step, meta, expected)
+
+    def rebuild(item: str, like: Any) -> Any:
+        treedef = jax.tree_util.tree_structure(like)
+        return treedef.unflatten([values[item][p] for p in flatten(like)])
+
+    params = model.from_canonical(rebuild("params", canonical_params))
+    opt_state = from_canonical_tree(model, rebuild("opt_state", canonical_opt), like_opt)
+    ema = model.from_canonical(rebuild("ema", canonical_params)) if config.ema is not None else None
+    log = train_lib.RunLog([dict(h) for h in meta["log"]["history"]], list(meta["log"]["step_losses"]))
+    return train_lib.TrainState(jnp.asarray(step, jnp.int32), params, opt_state, ema), log
+
+
+def read_params(path: str | Path, model: Model) -> Any:
+    """The parameters stored at ``path``, in ``model``'s style; they must be of the same network."""
+    directory, step = resolve(path)
+    where = directory / str(step)
+    meta = read_meta(directory, step)
+    clashes = [f"{key} {_show(meta[key])} there, {_show(value)} here"
+               for key, value in (("model", model.name), ("num_classes", model.num_classes))
+               if meta[key] != value]
+    if clashes:
+        raise ZooError(f"cannot take the parameters of {where}: {'; '.join(clashes)}")
+    canonical = jax.eval_shape(lambda k: model.to_canonical(model.init(k)), jax.random.key(0))
+    values = _restore_arrays(directory, step, meta, {"params": flatten(canonical)})["params"]
+    treedef = jax.tree_util.tree_structure(canonical)
+    return model.from_canonical(treedef.unflatten([values[p] for p in flatten(canonical)]))
+
+
+def read_canonical_params(path: str | Path, model_name: str, in_shape: tuple[int, int, int],
+                          num_classes: int, **hparams: Any) -> dict[str, Any]:
+    """The parameters stored at ``path`` in the canonical layout, for a model of this shape."""
+    reference = styles_lib.build(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
+    return read_params(path, reference)
+
+
+def load_params(path: str | Path, style: str, expect_model: str | None = None) -> tuple[Model, Any]:
+    """The model a checkpoint was trained as, built in ``style``, and its parameters.
+
+    ``path`` is a checkpoint folder (its newest step is read) or one step's folder.
+    """
+    directory, step = resolve(path)
+    meta = read_meta(directory, step)
+    if expect_model is not None and meta["model"] != expect_model:
+        raise ZooError(f"checkpoint {directory / str(step)} holds a {meta['model']}, not a {expect_model}")
+    model = styles_lib.build(meta["model"], style, in_shape=tuple(meta["in_shape"]),
+                             num_classes=meta["num_classes"], precision=meta.get("precision", "float32"),
+                             **meta["hparams"])
+    return model, read_params(directory / str(step), model)
+
+
+# --------------------------------------------------------------------------- a run with checkpoints
+
+
+def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig, directory: str | Path, *,
+          save_every: int | None = None, keep: int = DEFAULT_KEEP, resume: bool = False,
+          init_params: Any = None, out_dir: str | Path | None = None,
+          progress: bool = True) -> train_lib.Result:
+    """:func:`shared.train.train` with checkpoints in ``directory``.
+
+    Saves every ``save_every`` steps (default: at the end of every epoch) and
+    at the end of training, keeping the newest ``keep``. With ``resume`` the
+    run continues from the newest complete checkpoint, in any style; without
+    it, a folder that already holds checkpoints is refused rather than mixed.
+    """
+    config.validate()
+    directory = Path(directory)
+    if save_every is not None and save_every < 1:
+        raise ZooError(f"save-every must be a positive integer, got {save_every}")
+    if keep < 1:
+        raise ZooError(f"keep must be a positive integer, got {keep}")
+    if resume and init_params is not None:
+        raise ZooError("give either --resume or --init-from, not both")
+    if directory.exists() and not directory.is_dir():
+        raise ZooError(f"checkpoint dir {directory} is a file, not a folder")
+    found = steps(directory)
+    start, log = None, train_lib.RunLog()
+    if resume:
+        if not found:
+            raise ZooError(f"nothing to resume: {directory} holds no complete checkpoint; "
+                           "run without --resume to start")
+        start, log = restore_state(directory, model, dataset, config, found[-1])
+    elif found:
+        raise ZooError(f"{directory} already holds checkpoints (steps {', '.join(map(str, found))}); "
+                       "pass --resume to continue that run, or choose another --checkpoint-dir")
+    steps_per_epoch = max(len(dataset.train) // config.batch_size, 1)
+    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep)
+    try:
+        return train_lib.train(model, dataset, config, init_params=init_params, out_dir=out_dir,
+                               progress=progress, on_step=saver, start=start, log=log)
+    except train_lib.NonFiniteError as error:
+        saver.close()
+        kept = steps(directory)
+        raise train_lib.NonFiniteError(
+            f"{error}; the newest checkpoint, from before it, is {directory / str(kept[-1])}" if kept
+            else f"{error}; no checkpoint was saved before it") from None
+    finally:
+        saver.close()
