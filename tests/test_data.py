@@ -41,6 +41,18 @@ def test_shuffle_is_deterministic_per_seed_and_epoch(digits):
     assert len(a) == 1437 // 32 and a[0]["image"].shape == (32, 8, 8, 1)
 
 
+def test_an_epoch_sees_every_example_at_most_once():
+    """Examples numbered by their label: one epoch's batches are a permutation, minus the remainder."""
+    n = 103
+    split = data.Split(np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1), np.arange(n, dtype=np.int32))
+    batches = data.train_batches(split, 10, seed=0, epoch=0)
+    seen = np.concatenate([batches[i]["label"] for i in range(len(batches))])
+    assert len(batches) == 10 and len(seen) == 100 and len(set(seen.tolist())) == 100
+    for i in range(len(batches)):
+        np.testing.assert_array_equal(batches[i]["image"][:, 0, 0, 0], batches[i]["label"])
+    assert not np.array_equal(seen, np.arange(100))  # shuffled
+
+
 def test_eval_batches_cover_every_example_once(digits):
     seen = []
     for batch in data.eval_batches(digits.test, 128):

@@ -1,0 +1,787 @@
+"""``zoo bench``: what each style costs against plain JAX, measured side by side.
+
+For every model and style this times the train step two ways:
+
+- **fast**: exactly what the shared loop runs, ``jax.jit(make_train_step(...))``
+  on the :class:`~shared.styles.Model` adapter (NNX split/merge, Equinox
+  partition/combine, all under plain ``jax.jit``);
+- **idiomatic**: what each framework's documentation shows, where that differs:
+  ``nnx.Optimizer`` + ``@nnx.jit`` + ``nnx.value_and_grad`` for NNX,
+  ``@eqx.filter_jit`` + ``eqx.filter_value_and_grad`` + ``eqx.apply_updates``
+  for Equinox. Plain JAX and Haiku are idiomatically ``jax.jit`` over
+  params/opt_state, which *is* the fast pattern; Linen's ``TrainState`` is a
+  ``flax.struct`` pytree of the same params and optax state under the same
+  ``jax.jit``, with ``apply_gradients`` doing ``optimizer.update`` +
+  ``optax.apply_updates``: the same traced computation. Those three are
+  measured once and marked ``idiomatic_is_fast``.
+
+Every step computes the same thing as :func:`shared.train.make_train_step`
+(same per-step key, same loss from :func:`shared.tasks.per_example`, same
+optimizer, same finite flags), so XLA's cost analysis of the compiled steps
+must report the same FLOPs as the plain-JAX reference. A difference means the
+style computes something else and is reported as a failure (exit status 1),
+unless it is made of dtype conversions alone (XLA counts a FLOP per converted
+element; :func:`convert_elements` counts them in the compiled HLO): that is the
+same arithmetic with casts in other places, and the row says so.
+
+Timing (own code: pyperf runs each benchmark in its own worker processes and
+pytest-benchmark times one callable at a time; neither interleaves): ahead-of-time
+``lower().compile()`` (timed as the compile), warm-up, then rounds in which
+every case of one model and batch size runs in a freshly shuffled order, so
+drift of the machine hits every style alike. In each round a case runs ``K``
+chained steps with one ``block_until_ready`` at the end (``step_ms``: the
+asynchronous throughput the training loop sees) and ``K`` steps blocking after
+every call (``step_ms_blocking``), recording when each call returned control to
+Python and whether its result was already computed by then
+(``ready_on_return``: 1.0 means the call waited for the step to finish, so the
+next step's Python work cannot overlap this step's computation). Medians over
+rounds; the garbage collector is off while timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import platform
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shared import data as data_lib
+from shared import styles as styles_lib
+from shared import tasks
+from shared.styles import Model, ZooError
+from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step, write_json
+from zoo import MODELS, STYLES
+
+PATTERNS = ("fast", "idiomatic")
+# Styles whose documented idiom is plain jax.jit over params and optimizer state: the fast pattern.
+IDIOMATIC_IS_FAST = ("jax", "flax", "haiku")
+API = {
+    ("jax", "fast"): "jax.jit(make_train_step)",
+    ("flax", "fast"): "jax.jit(make_train_step); = TrainState + jax.jit",
+    ("nnx", "fast"): "nnx.split/merge + jax.jit",
+    ("haiku", "fast"): "hk.transform + jax.jit",
+    ("equinox", "fast"): "eqx.partition/combine + jax.jit",
+    ("nnx", "idiomatic"): "nnx.Optimizer + nnx.jit",
+    ("equinox", "idiomatic"): "eqx.filter_jit",
+}
+# An HLO instruction converting dtypes: "%c = bf16[128,64]{1,0} convert(%p), ...".
+_CONVERT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convert\(")
+DEFAULT_BATCH_SIZES = (128, 8)
+DEFAULT_OUT = Path("runs/bench")
+ROW_KEYS = ("model", "style", "pattern", "batch_size", "precision", "step_ms", "step_ratio", "compile_s",
+            "flops", "flops_equal")
+
+
+@dataclasses.dataclass
+class Case:
+    """One way of running one model's train step, ready to be called repeatedly.
+
+    ``fn(*args)`` runs a step; ``advance(args, out)`` gives the next call's
+    arguments (the new state for functional patterns, the same objects for
+    NNX's in-place one); ``loss(out)`` is the step's loss.
+    """
+
+    model: str
+    style: str
+    pattern: str
+    batch_size: int
+    precision: str
+    fn: Callable[..., Any]
+    args: tuple
+    advance: Callable[[tuple, Any], tuple]
+    loss: Callable[[Any], jax.Array]
+    params: int
+
+    @property
+    def label(self) -> str:
+        return self.style if self.pattern == "fast" else f"{self.style} ({self.pattern})"
+
+    def run(self, steps: int) -> tuple:
+        """``steps`` chained steps without blocking; returns the last output."""
+        args, out = self.args, None
+        for _ in range(steps):
+            out = self.fn(*args)
+            args = self.advance(args, out)
+        self.args = args
+        return out
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def bench_config(batch_size: int, seed: int = 0) -> TrainConfig:
+    """The training configuration every benchmarked step uses: the loop's defaults."""
+    return TrainConfig(batch_size=batch_size, seed=seed)
+
+
+def fast_case(model: Model, params: Any, batch: dict[str, jax.Array], config: TrainConfig,
+              key: jax.Array) -> Case:
+    """The pattern the shared loop runs: ``jax.jit`` on :func:`make_train_step`."""
+    optimizer = make_optimizer(config, 10_000, None)
+    step = jax.jit(make_train_step(model, optimizer, config, key))
+    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None))
+    return Case(model.name, model.style, "fast", config.batch_size, model.precision, step, (state, batch),
+                lambda args, out: (out[0], args[1]), lambda out: out[1], count_params(params))
+
+
+def idiomatic_case(model: Model, params: Any, batch: dict[str, jax.Array], config: TrainConfig,
+                   key: jax.Array) -> Case:
+    """The step as the framework's documentation writes it (NNX and Equinox)."""
+    builders = {"nnx": _nnx_idiomatic, "equinox": _equinox_idiomatic}
+    if model.style not in builders:
+        raise ZooError(f"{model.style}'s idiomatic step is the fast pattern; use fast_case")
+    optimizer = make_optimizer(config, 10_000, None)
+    fn, args, advance, loss = builders[model.style](model, params, batch, optimizer, key)
+    return Case(model.name, model.style, "idiomatic", config.batch_size, model.precision, fn, args,
+                advance, loss, count_params(params))
+
+
+def _finite(grads: Any, params: Any) -> Any:
+    return jax.tree.map(lambda g, p: jnp.isfinite(g).all() & jnp.isfinite(p).all(), grads, params)
+
+
+def _compute_dtype(model: Model) -> Any:
+    return jnp.bfloat16 if model.precision == "bfloat16" else None
+
+
+def _to_float32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def _nnx_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optimizer: Any,
+                   key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    from flax import nnx
+
+    kwargs = styles_lib.model_kwargs(model.name, model.in_shape, model.num_classes, model.hparams)
+    net = model.module(**kwargs, dtype=_compute_dtype(model), rngs=nnx.Rngs(0))
+    nnx.update(net, params)
+    opt = nnx.Optimizer(net, optimizer, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(net, opt, batch):
+        step_key = jax.random.fold_in(key, opt.step[...])
+
+        def loss_fn(net):
+            if model.kind == "vae":
+                outputs = net(batch["image"], batch["label"], nnx.Rngs(noise=step_key))
+            else:
+                outputs = net(batch["image"])
+            return tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(net)
+        opt.update(net, grads)
+        return loss, _finite(grads, nnx.state(net, nnx.Param))
+
+    return train_step, (net, opt, batch), lambda args, out: args, lambda out: out[0]
+
+
+def _equinox_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optimizer: Any,
+                       key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    import equinox as eqx
+
+    kwargs = styles_lib.model_kwargs(model.name, model.in_shape, model.num_classes, model.hparams)
+    static = eqx.partition(model.module(**kwargs, key=jax.random.key(0)), eqx.is_array)[1]
+    net = eqx.combine(params, static)
+    compute = _compute_dtype(model)
+
+    def cast(tree):
+        if compute is None:
+            return tree
+        return jax.tree.map(lambda x: x.astype(compute) if eqx.is_inexact_array(x) else x, tree)
+
+    @eqx.filter_jit
+    def train_step(net, opt_state, batch, step):
+        step_key = jax.random.fold_in(key, step)
+
+        def loss_fn(net):
+            net, images = cast(net), cast(batch["image"])
+            if model.kind == "vae":
+                outputs = net(images, batch["label"], key=styles_lib.noise_key(step_key))
+            else:
+                if model.name == "cnn":
+                    images = jnp.transpose(images, (0, 3, 1, 2))  # Equinox convolutions take CHW
+                outputs = jax.vmap(net)(images)
+            return tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(net)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(net, eqx.is_array))
+        net = eqx.apply_updates(net, updates)
+        return net, opt_state, step + 1, loss, _finite(grads, eqx.filter(net, eqx.is_array))
+
+    opt_state = optimizer.init(eqx.filter(net, eqx.is_array))
+    args = (net, opt_state, batch, jnp.zeros((), jnp.int32))
+    return (train_step, args, lambda args, out: (out[0], out[1], args[2], out[2]), lambda out: out[3])
+
+
+def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *, in_shape: tuple[int, ...],
+               num_classes: int, precision: str = "float32", patterns: Sequence[str] = PATTERNS,
+               seed: int = 0, **hparams: Any) -> list[Case]:
+    """Every (style, pattern) case of one model at one batch, the plain-JAX reference first.
+
+    Every case starts from the same canonical parameters (the reference's
+    initialiser) and the same per-step key, as in ``zoo compare``.
+    """
+    batch_size = len(batch["label"])
+    config = bench_config(batch_size, seed)
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    device_batch = jax.device_put(batch)
+    cases = []
+    canonical = None
+    for style in dict.fromkeys(("jax", *styles)):
+        model = styles_lib.build(name, style, in_shape=in_shape, num_classes=num_classes,
+                                 precision=precision, **hparams)
+        if canonical is None:
+            canonical = model.to_canonical(model.init(init_key))
+        params = jax.device_put(model.from_canonical(canonical))
+        if "fast" in patterns or style == "jax":
+            cases.append(fast_case(model, params, device_batch, config, train_key))
+        if "idiomatic" in patterns and style not in IDIOMATIC_IS_FAST:
+            cases.append(idiomatic_case(model, params, device_batch, config, train_key))
+    return cases
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def compile_case(case: Case) -> dict[str, Any]:
+    """Ahead-of-time compile of the step: its time, XLA's cost analysis and memory analysis.
+
+    The executable is cached, so the calls that follow do not compile again.
+    """
+    start = time.perf_counter()
+    compiled = case.fn.lower(*case.args).compile()
+    compile_s = time.perf_counter() - start
+    compiled = getattr(compiled, "compiled", compiled)  # Equinox wraps jax's Compiled
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    memory = compiled.memory_analysis()
+    try:
+        converts: float | None = float(convert_elements(compiled.as_text()))
+    except Exception:  # no HLO text from this backend: differences stay unexplained
+        converts = None
+    info: dict[str, Any] = {
+        "compile_s": compile_s,
+        "flops": _number(cost.get("flops")),
+        "convert_flops": converts,
+        "transcendentals": _number(cost.get("transcendentals")),
+        "bytes_accessed": _number(cost.get("bytes accessed")),
+        "memory": None, "peak_bytes": None,
+    }
+    if memory is not None:
+        sizes = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+                 for name in ("argument", "output", "temp", "alias", "generated_code")}
+        info["memory"] = sizes
+        # XLA's static estimate of what is live during the step: inputs, outputs, scratch.
+        info["peak_bytes"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    return info
+
+
+def convert_elements(hlo: str) -> int:
+    """Elements converted from one dtype to another in an HLO module's text.
+
+    XLA's cost analysis counts one FLOP per converted element, so two steps that
+    do the same arithmetic but cast in different places (an int32 step counter
+    against a uint32 one; a mixed-precision recipe casting parameters before or
+    inside a layer) differ in FLOPs by exactly this much.
+    """
+    return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in _CONVERT.findall(hlo))
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def pytree_us(case: Case, repeats: int = 300) -> float | None:
+    """Microseconds to flatten a fast step's arguments and rebuild its result.
+
+    ``jax.jit`` does both on every call, in Python for pytree nodes registered
+    in Python (``nnx.State``, Equinox modules), so it is the part of dispatch
+    that differs between the fast patterns. None for the idiomatic patterns,
+    whose wrappers walk their own object graphs instead.
+    """
+    if case.pattern != "fast":
+        return None
+    out = jax.block_until_ready(case.fn(*case.args))
+    out_leaves, out_def = jax.tree_util.tree_flatten(out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.tree_util.tree_flatten(case.args)
+        jax.tree_util.tree_unflatten(out_def, out_leaves)
+        times.append(time.perf_counter() - start)
+    case.args = case.advance(case.args, out)
+    return 1e6 * float(np.median(times))
+
+
+def device_peak_bytes() -> int | None:
+    """The device's own peak-memory counter; CPU backends report none."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # backends without the counter raise or return None
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _median_blocking(case: Case, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(case.run(1))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_cases(cases: Sequence[Case], *, rounds: int, steps: int | None, seed: int = 0,
+               warmup: int = 3, target_s: float = 0.02,
+               on_round: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Interleaved timing of ``cases`` (already compiled), one dict per case.
+
+    ``steps`` per round and mode; None picks it so that a round of the first
+    case (the reference) takes about ``target_s``.
+    """
+    for case in cases:
+        jax.block_until_ready(case.run(warmup))
+    if steps is None:
+        reference = _median_blocking(cases[0], 5)
+        steps = int(min(200, max(10, math.ceil(target_s / max(reference, 1e-6)))))
+    rng = random.Random(seed)
+    order = list(range(len(cases)))
+    chained: list[list[float]] = [[] for _ in cases]
+    blocking: list[list[float]] = [[] for _ in cases]
+    returned: list[list[float]] = [[] for _ in cases]
+    ready: list[list[bool]] = [[] for _ in cases]
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for index in order:
+                case = cases[index]
+                start = time.perf_counter()
+                jax.block_until_ready(case.run(steps))
+                chained[index].append((time.perf_counter() - start) / steps)
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    out = case.fn(*case.args)
+                    back = time.perf_counter()
+                    ready[index].append(case.loss(out).is_ready())
+                    jax.block_until_ready(out)
+                    done = time.perf_counter()
+                    case.args = case.advance(case.args, out)
+                    returned[index].append(back - start)
+                    blocking[index].append(done - start)
+            if on_round is not None:
+                on_round()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return [{
+        "step_ms": 1e3 * float(np.median(chained[i])),
+        "step_ms_blocking": 1e3 * float(np.median(blocking[i])),
+        "return_ms": 1e3 * float(np.median(returned[i])),
+        "ready_on_return": float(np.mean(ready[i])),
+        "rounds": rounds, "steps_per_round": steps,
+        # Per round, in round order, for ratios paired with the reference's same round.
+        "round_ms": [1e3 * t for t in chained[i]],
+        "round_ms_blocking": [1e3 * float(np.median(blocking[i][r * steps:(r + 1) * steps]))
+                              for r in range(rounds)],
+    } for i in range(len(cases))]
+
+
+def loader_throughput(split: data_lib.Split, batch_size: int, *, transfer: bool = False, seed: int = 0,
+                      min_s: float = 0.2, repeats: int = 3) -> float:
+    """Examples per second the data pipeline delivers, a new shuffled epoch after each.
+
+    ``train_batches(...)[i]`` (a grain MapDataset gathering with numpy
+    indexing), and with ``transfer`` also the ``jax.device_put`` the loop does
+    next in the same Python thread. Median of ``repeats`` runs of ``min_s``.
+    """
+    rates = []
+    for _ in range(repeats):
+        examples, epoch, last = 0, 0, None
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_s:
+            batches = data_lib.train_batches(split, batch_size, seed, epoch)
+            for index in range(len(batches)):
+                last = jax.device_put(batches[index]) if transfer else batches[index]
+                examples += batch_size
+            epoch += 1
+        jax.block_until_ready(last)
+        rates.append(examples / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    accel = "no GPU" if device.platform == "cpu" else f"{len(jax.devices())}x {device.device_kind}"
+    return f"{cpu}, {os.cpu_count()} CPU cores, {accel}; jax {jax.__version__} ({device.platform} backend)"
+
+
+def _framework_version(style: str) -> str:
+    import importlib
+
+    module = {"jax": "jax", "flax": "flax", "nnx": "flax", "haiku": "haiku", "equinox": "equinox"}[style]
+    return f"{module} {importlib.import_module(module).__version__}"
+
+
+def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_examples_per_s: float,
+                  feed_examples_per_s: float, rounds: int, steps: int | None, seed: int = 0,
+                  on_round: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Compile and time the cases of one model at one batch size (interleaved); one row each.
+
+    The rows have no ratios yet: :func:`compare_to_reference` adds them.
+    """
+    where = machine()
+    compiled = [{**compile_case(case), "pytree_us": pytree_us(case)} for case in cases]
+    timings = time_cases(cases, rounds=rounds, steps=steps, seed=seed, on_round=on_round)
+    return [{
+        "model": case.model, "style": case.style, "pattern": case.pattern,
+        "idiomatic_is_fast": case.style in IDIOMATIC_IS_FAST,
+        "api": API.get((case.style, case.pattern), ""),
+        "batch_size": case.batch_size, "precision": case.precision,
+        **timing, **info, "params": case.params, "device_peak_bytes": device_peak_bytes(),
+        "data_examples_per_s": data_examples_per_s, "feed_examples_per_s": feed_examples_per_s,
+        "dataset": dataset.name,
+        "in_shape": list(dataset.in_shape), "device": where, "load_avg": os.getloadavg()[0],
+        "framework": _framework_version(case.style),
+    } for case, info, timing in zip(cases, compiled, timings)]
+
+
+def bench(models: Sequence[str] = MODELS, styles: Sequence[str] = STYLES, *,
+          batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, precision: str = "float32",
+          dataset: data_lib.Dataset, patterns: Sequence[str] = PATTERNS, rounds: int = 15,
+          steps: int | None = None, seed: int = 0, progress: bool = True, loader_s: float = 0.2,
+          hparams: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Measure every model x style x pattern x batch size; rows with ratios to plain JAX."""
+    from tqdm.auto import tqdm
+
+    hparams = hparams or {}
+    for size in batch_sizes:
+        if size > len(dataset.train):
+            raise ZooError(f"batch size {size} is larger than the {len(dataset.train)} training "
+                           f"examples of {dataset.name}")
+    loader = {size: loader_throughput(dataset.train, size, seed=seed, min_s=loader_s)
+              for size in dict.fromkeys(batch_sizes)}
+    feed = {size: loader_throughput(dataset.train, size, transfer=True, seed=seed, min_s=loader_s)
+            for size in dict.fromkeys(batch_sizes)}
+    rows: list[dict[str, Any]] = []
+    groups = [(m, b) for m in models for b in batch_sizes]
+    bar = tqdm(total=len(groups) * rounds, disable=not progress, desc="bench", unit="round", leave=False,
+               dynamic_ncols=True)
+    try:
+        for name, size in groups:
+            bar.set_description(f"bench {name} batch {size}")
+            batch = data_lib.train_batches(dataset.train, size, seed, 0)[0]
+            settings = dict(in_shape=dataset.in_shape, num_classes=dataset.num_classes, precision=precision,
+                            seed=seed, **hparams.get(name, {}))
+            # A throwaway compile first: jitted helpers every style shares (optax, jax.nn, the
+            # PRNG) are lowered once per process, and the first case timed would pay for them.
+            compile_case(make_cases(name, (), batch, patterns=("fast",), **settings)[0])
+            cases = make_cases(name, styles, batch, patterns=patterns, **settings)
+            rows += measure_group(cases, dataset=dataset, data_examples_per_s=loader[size],
+                                  feed_examples_per_s=feed[size], rounds=rounds, steps=steps, seed=seed,
+                                  on_round=lambda: bar.update(1))
+            del cases
+    finally:
+        bar.close()
+    return compare_to_reference(rows)
+
+
+def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add each row's ratios to the plain-JAX fast row of the same model, batch and precision."""
+    reference = {(r["model"], r["batch_size"], r["precision"]): r for r in rows
+                 if r["style"] == "jax" and r["pattern"] == "fast"}
+    for row in rows:
+        ref = reference.get((row["model"], row["batch_size"], row["precision"]))
+        if ref is None:
+            raise ZooError(f"no plain-JAX reference row for {row['model']} at batch {row['batch_size']}")
+        # Paired by round, so drift of the machine between rounds cancels out.
+        ratios = np.asarray(row["round_ms"]) / np.asarray(ref["round_ms"])
+        row["step_ratio"] = float(np.median(ratios))
+        row["step_ratio_iqr"] = [float(q) for q in np.percentile(ratios, [25, 75])]
+        row["blocking_ratio"] = float(np.median(
+            np.asarray(row["round_ms_blocking"]) / np.asarray(ref["round_ms_blocking"])))
+        row["extra_ms"] = row["step_ms"] - ref["step_ms"]
+        row["extra_ms_blocking"] = row["step_ms_blocking"] - ref["step_ms_blocking"]
+        row["compile_ratio"] = row["compile_s"] / ref["compile_s"]
+        row["flops_equal"] = row["flops"] is not None and row["flops"] == ref["flops"]
+        row["flops_diff"] = None if row["flops"] is None or ref["flops"] is None else row["flops"] - ref["flops"]
+        row["flops_note"] = None
+        if not row["flops_equal"] and None not in (row["flops_diff"], row["convert_flops"], ref["convert_flops"]):
+            converts = row["convert_flops"] - ref["convert_flops"]
+            if converts == row["flops_diff"]:
+                row["flops_note"] = (f"only dtype conversions differ ({converts:+,.0f} converted elements): "
+                                     "the same arithmetic, cast in other places")
+        row["bytes_ratio"] = (row["bytes_accessed"] / ref["bytes_accessed"]
+                              if row["bytes_accessed"] and ref["bytes_accessed"] else None)
+        row["examples_per_s"] = row["batch_size"] / (row["step_ms"] / 1e3)
+        row["data_headroom"] = row["data_examples_per_s"] / row["examples_per_s"]
+        row["feed_headroom"] = row["feed_examples_per_s"] / row["examples_per_s"]
+    return rows
+
+
+def flops_failures(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row whose compiled step does not do the reference's FLOPs, unexplained."""
+    reference = {(r["model"], r["batch_size"], r["precision"]): r["flops"] for r in rows
+                 if r["style"] == "jax" and r["pattern"] == "fast"}
+    return [f"{r['model']} {r['style']} ({r['pattern']}) batch {r['batch_size']}: {r['flops']:,.0f} FLOPs, "
+            f"plain JAX {reference[(r['model'], r['batch_size'], r['precision'])]:,.0f}"
+            for r in rows if not r["flops_equal"] and not r.get("flops_note")]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with the machine and a summary under it."""
+    if not rows:
+        return "(no rows)\n"
+    first = rows[0]
+    lines = [f"Measured on {first['device']}; dataset {first['dataset']} "
+             f"{'x'.join(map(str, first['in_shape']))}, precision {first['precision']}, "
+             f"{first['rounds']} interleaved rounds; 1-minute load average "
+             f"{min(r['load_avg'] for r in rows):.1f} to {max(r['load_avg'] for r in rows):.1f}.", "",
+             "| model | batch | style | pattern | step ms | × jax | blocking ms | × jax | returns after ms "
+             "| ready on return | compile s | MFLOP | = jax | MB accessed | peak MB | params | data × | data+put × |",
+             "|" + "---|" * 18]
+    for r in rows:
+        pattern = "fast = idiomatic" if r["idiomatic_is_fast"] else r["pattern"]
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['style']} | {pattern} | {r['step_ms']:.3f} "
+            f"| {r['step_ratio']:.2f} ({r['step_ratio_iqr'][0]:.2f}–{r['step_ratio_iqr'][1]:.2f}) "
+            f"| {r['step_ms_blocking']:.3f} | {r['blocking_ratio']:.2f} "
+            f"| {r['return_ms']:.3f} | {r['ready_on_return']:.0%} | {r['compile_s']:.2f} "
+            f"| {_fmt(r['flops'], 1e6)} | {_flops_cell(r)} "
+            f"| {_fmt(r['bytes_accessed'], 1e6)} | {_fmt(r['peak_bytes'], 1e6)} | {r['params']:,} "
+            f"| {r['data_headroom']:.0f} | {r['feed_headroom']:.1f} |")
+    lines.append("")
+    lines.append("`step ms`: median over rounds of K chained steps with one `block_until_ready` at the end; "
+                 "`× jax`: median over rounds of the ratio to plain JAX's time in the same round (in brackets "
+                 "the quartiles of those ratios: the noise); "
+                 "`blocking ms`: median step when blocking after every call; `returns after`: median time "
+                 "until the call gives control back to Python; `ready on return`: share of calls whose "
+                 "result was already computed when they returned (100% = the call waits for the step); "
+                 "`MFLOP`, `MB accessed`: XLA's cost analysis of the compiled step; `peak MB`: XLA's "
+                 "memory analysis (arguments + outputs + temporaries); `data ×`: examples/s the data "
+                 "pipeline (`train_batches`) delivers over examples/s the step consumes; `data+put ×`: the "
+                 "same with the loop's `jax.device_put` of every batch.")
+    for line in summary(rows):
+        lines.append(f"- {line}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The findings a reader wants first: the slowest fast pattern, idiom costs, FLOPs, loader."""
+    out = []
+    for size in sorted({r["batch_size"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["batch_size"] == size]
+        fast = [r for r in at if r["pattern"] == "fast" and r["style"] != "jax"]
+        if fast:
+            worst = max(fast, key=lambda r: r["step_ratio"])
+            ref = next(r for r in at if r["model"] == worst["model"] and r["style"] == "jax")
+            out.append(f"batch {size}: slowest fast pattern {worst['model']}/{worst['style']} at "
+                       f"{worst['step_ratio']:.2f}x plain JAX (quartiles {worst['step_ratio_iqr'][0]:.2f} to "
+                       f"{worst['step_ratio_iqr'][1]:.2f}; {worst['extra_ms']:+.3f} ms); flattening its "
+                       f"arguments and rebuilding its result takes {worst['pytree_us']:.0f} us per call, "
+                       f"plain JAX's {ref['pytree_us']:.0f} us")
+        for r in at:
+            if r["pattern"] == "idiomatic":
+                out.append(f"batch {size}: {r['model']}/{r['style']} idiomatic ({r['api']}) "
+                           f"{r['extra_ms']:+.3f} ms per step chained, {r['extra_ms_blocking']:+.3f} ms "
+                           f"blocking, ready on return {r['ready_on_return']:.0%}")
+        fastest = min(at, key=lambda r: r["step_ms"] / r["batch_size"])
+        out.append(f"batch {size}: the data pipeline delivers {fastest['data_examples_per_s']:,.0f} "
+                   f"examples/s, {fastest['data_headroom']:.0f}x what the fastest step "
+                   f"({fastest['model']}/{fastest['style']}) consumes; with the loop's device_put "
+                   f"{fastest['feed_examples_per_s']:,.0f} examples/s, {fastest['feed_headroom']:.1f}x")
+    failures = flops_failures(rows)
+    notes = list(dict.fromkeys(r["flops_note"] for r in rows if r.get("flops_note")))
+    for note in notes:
+        which = ", ".join(f"{r['model']}/{r['style']} ({r['pattern']}) batch {r['batch_size']}"
+                          for r in rows if r.get("flops_note") == note)
+        out.append(f"FLOPs differ from the reference, investigated: {which}: {note}")
+    out.append(f"compiled FLOPs equal the reference's in every {'other ' if notes else ''}row" if not failures
+               else "FLOPs differ from the reference (the style computes something else): "
+               + "; ".join(failures))
+    return out
+
+
+def _flops_cell(row: dict[str, Any]) -> str:
+    if row["flops_equal"]:
+        return "yes"
+    if row.get("flops_note"):
+        return f"{row['flops_diff']:+,.0f} (see notes)"
+    return "**NO**"
+
+
+def _fmt(value: float | None, scale: float) -> str:
+    return "n/a" if value is None else f"{value / scale:,.2f}"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Step-time ratios to plain JAX: bars for chained steps, dots for blocking every call.
+
+    Bars grow from 1.0 on a log axis, so 2x slower and 2x faster look alike
+    and the few-percent differences stay visible beside the large ones.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    labels = list(dict.fromkeys((r["style"], r["pattern"]) for r in rows))
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(11, 3.3 * len(sizes)), squeeze=False)
+    width = 0.84 / len(labels)
+    for ax, size in zip(axes[:, 0], sizes):
+        values = [1.0]
+        for j, (style, pattern) in enumerate(labels):
+            xs, bars, dots, low, high = [], [], [], [], []
+            for i, model in enumerate(models):
+                match = [r for r in rows if (r["model"], r["style"], r["pattern"], r["batch_size"])
+                         == (model, style, pattern, size)]
+                if match:
+                    xs.append(i + (j - (len(labels) - 1) / 2) * width)
+                    bars.append(match[0]["step_ratio"])
+                    dots.append(match[0]["blocking_ratio"])
+                    low.append(bars[-1] - match[0]["step_ratio_iqr"][0])
+                    high.append(match[0]["step_ratio_iqr"][1] - bars[-1])
+            name = style if pattern == "fast" else f"{style} ({pattern})"
+            idiom = pattern == "idiomatic"
+            ax.bar(xs, [b - 1 for b in bars], width, bottom=1, label=name, color=f"C{j}",
+                   hatch="//" if idiom else None, edgecolor="white" if idiom else None, linewidth=0)
+            ax.errorbar(xs, bars, yerr=[low, high], fmt="none", ecolor="dimgrey", elinewidth=0.8, capsize=1.5,
+                        label="quartiles over rounds" if j == len(labels) - 1 else None)
+            ax.plot(xs, dots, "o", color="black", markersize=3, label="blocking every call" if j == 0 else None)
+            for x, bar, dot, up in zip(xs, bars, dots, high):
+                ax.annotate(f"{bar:.2f}", (x, max(bar + up, dot, 1.0)), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=6.5, rotation=90)
+            values += bars + dots
+        ax.set_yscale("log")
+        ax.set_ylim(min(values) / 1.15, max(values) * 1.6)
+        ticks = [t for t in (0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16)
+                 if min(values) / 1.15 <= t <= max(values) * 1.6]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_yticklabels([f"{t:g}x" for t in ticks])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.05, color="grey", lw=0.6, ls="--")
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylabel("step time / plain JAX")
+        ax.set_title(f"batch {size}", fontsize=10)
+    axes[0, 0].legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    first = rows[0]
+    fig.suptitle(f"train step time vs plain JAX ({first['precision']}, {first['dataset']}; dashed: 1.05x): "
+                 f"{first['device'].split(';')[0]}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _models(text: str) -> str:
+    if text not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(MODELS)}")
+    return text
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from shared.cli import add_data_args, positive_int, style_list
+
+    p = sub.add_parser("bench", help="time every style's train step against plain JAX",
+                       description="Compile time, step time (batch 128 and a tiny batch), dispatch, FLOPs, "
+                                   "memory and loader throughput of every style, as ratios to plain JAX.")
+    p.add_argument("models", nargs="*", type=_models, metavar="MODEL",
+                   help=f"models to measure (default: all of {', '.join(MODELS)})")
+    p.add_argument("--styles", type=style_list, default=STYLES,
+                   help="comma separated (default: all; plain JAX is always measured as the reference)")
+    p.add_argument("--patterns", type=lambda s: _choices(s, PATTERNS, "pattern"), default=PATTERNS,
+                   help="fast,idiomatic (default: both)")
+    p.add_argument("--batch-size", type=positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
+                   help="batch sizes: a realistic one and a tiny one where dispatch dominates "
+                        "(default: 128 8)")
+    p.add_argument("--precision", choices=styles_lib.PRECISIONS, default="float32")
+    add_data_args(p)
+    p.add_argument("--repeats", type=positive_int, default=15,
+                   help="interleaved rounds; the medians are over these (default: 15)")
+    p.add_argument("--steps", type=positive_int,
+                   help="steps per case per round (default: enough for ~20 ms of the reference, 10-200)")
+    p.add_argument("--seed", type=int, default=0, help="initial parameters, batch and round order")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for bench.json, bench.md, bench.png "
+                                                            "(default: runs/bench)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON rows here instead of OUT/bench.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def _choices(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(choices)}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
+    models = tuple(dict.fromkeys(args.models)) or MODELS
+    rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
+                 precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
+                 steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    table = format_markdown(rows)
+    write_json(json_path, rows)
+    write_text(out / "bench.md", table)
+    plot(rows, out / "bench.png")
+    print(table)
+    print(f"wrote {json_path}, {out / 'bench.md'} and {out / 'bench.png'}")
+    failures = flops_failures(rows)
+    if failures:
+        print("zoo bench: compiled FLOPs differ from plain JAX (the style computes something else):",
+              file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0

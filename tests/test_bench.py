@@ -1,0 +1,175 @@
+"""The benchmark harness itself (``zoo bench``), on tiny models: fields, ratios, FLOPs parity.
+
+Nothing here asserts a speed: timings on a shared 2-core machine are the
+benchmark's output, not something a test can hold it to.
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shared import bench, data, styles
+from shared.cli import main
+from shared.train import TrainConfig
+
+TINY = {"mlp": {"hidden_sizes": (16,)}, "vae": {"latents": 2, "hidden": 8}}
+
+
+@pytest.fixture(scope="module")
+def rows(digits):
+    return bench.bench(("mlp",), ("jax", "nnx", "equinox"), batch_sizes=(8,), dataset=digits, rounds=2,
+                       steps=3, progress=False, loader_s=0.02, hparams=TINY)
+
+
+def test_every_row_has_every_field(rows):
+    assert [(r["style"], r["pattern"]) for r in rows] == [
+        ("jax", "fast"), ("nnx", "fast"), ("nnx", "idiomatic"), ("equinox", "fast"), ("equinox", "idiomatic")]
+    numbers = ("step_ms", "step_ratio", "step_ms_blocking", "blocking_ratio", "return_ms", "compile_s",
+               "flops", "bytes_accessed", "peak_bytes", "data_examples_per_s", "examples_per_s",
+               "data_headroom", "feed_examples_per_s", "feed_headroom")
+    for row in rows:
+        assert set(row) >= {*bench.ROW_KEYS, *numbers, "params", "ready_on_return", "device", "api"}
+        assert row["model"] == "mlp" and row["batch_size"] == 8 and row["precision"] == "float32"
+        for key in numbers:
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+        assert 0.0 <= row["ready_on_return"] <= 1.0
+        assert (row["pytree_us"] > 0) if row["pattern"] == "fast" else row["pytree_us"] is None
+        assert row["params"] == 64 * 16 + 16 + 16 * 10 + 10
+        assert row["rounds"] == 2 and row["steps_per_round"] == 3
+        assert len(row["round_ms"]) == len(row["round_ms_blocking"]) == 2
+        assert row["step_ratio_iqr"][0] <= row["step_ratio"] <= row["step_ratio_iqr"][1]
+        assert row["data_headroom"] == pytest.approx(row["data_examples_per_s"] * row["step_ms"] / 1e3 / 8)
+    assert json.loads(json.dumps(rows)) == rows  # plain JSON
+
+
+def test_reference_against_itself_is_one(rows):
+    reference = rows[0]
+    assert (reference["style"], reference["pattern"]) == ("jax", "fast")
+    assert reference["step_ratio"] == 1.0 and reference["blocking_ratio"] == 1.0
+    assert reference["step_ratio_iqr"] == [1.0, 1.0]
+    assert reference["extra_ms"] == 0.0 and reference["flops_equal"]
+
+
+def test_every_style_and_idiom_compiles_to_the_reference_flops(rows):
+    assert all(r["flops_equal"] for r in rows), bench.flops_failures(rows)
+    assert bench.flops_failures(rows) == []
+
+
+def test_a_style_that_computes_something_else_is_caught(digits):
+    """A flax MLP whose forward pass also doubles its input is the same network on other
+    data: same parameters, different compiled step, and the FLOPs comparison must say so."""
+    batch = data.train_batches(digits.train, 8, 0, 0)[0]
+    cases = bench.make_cases("mlp", ("flax",), batch, in_shape=digits.in_shape, num_classes=10,
+                             patterns=("fast",), **TINY["mlp"])
+    flax_model = styles.build("mlp", "flax", in_shape=digits.in_shape, **TINY["mlp"])
+    changed = dataclasses.replace(flax_model, apply=lambda p, x, y, k: flax_model.apply(p, 2.0 * x, y, k))
+    key = jax.random.split(jax.random.key(0))[1]
+    params = flax_model.from_canonical(cases[0].args[0].params)
+    cases.append(bench.fast_case(changed, params, jax.device_put(batch), bench.bench_config(8), key))
+    rows = bench.compare_to_reference(bench.measure_group(
+        cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=2))
+    assert [r["flops_equal"] for r in rows] == [True, True, False]
+    failures = bench.flops_failures(rows)
+    assert len(failures) == 1 and failures[0].startswith("mlp flax (fast) batch 8")
+    assert "**NO**" in bench.format_markdown(rows)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "vae"])
+def test_idiomatic_steps_compute_what_the_loop_computes(name, digits):
+    """nnx.jit and eqx.filter_jit steps: same FLOPs and, step after step, the same loss."""
+    batch = data.train_batches(digits.train, 8, 0, 0)[0]
+    cases = bench.make_cases(name, ("nnx", "equinox"), batch, in_shape=digits.in_shape, num_classes=10,
+                             patterns=("idiomatic",), **TINY.get(name, {}))
+    assert [(c.style, c.pattern) for c in cases] == [("jax", "fast"), ("nnx", "idiomatic"),
+                                                      ("equinox", "idiomatic")]
+    infos = [bench.compile_case(c) for c in cases]
+    assert infos[0]["flops"] > 0
+    for info in infos[1:]:
+        # Equal, or different only by dtype conversions: nnx.Optimizer counts steps in
+        # uint32, so the VAE's key needs none of the loop's int32 -> uint32 converts.
+        assert info["flops"] - infos[0]["flops"] in (0, info["convert_flops"] - infos[0]["convert_flops"])
+    losses = np.array([[float(c.loss(c.run(1))) for _ in range(3)] for c in cases])
+    assert len(set(losses[0])) == 3  # each step starts from the previous one's parameters
+    np.testing.assert_allclose(losses[1:], np.broadcast_to(losses[0], (2, 3)), rtol=1e-5)  # float32 rounding
+
+
+def test_convert_elements_counts_what_xla_counts():
+    def f(x, step):
+        return x.astype(jnp.bfloat16), jax.random.key_data(jax.random.fold_in(jax.random.key(0), step))
+
+    def g(x, step):
+        return x, jax.random.key_data(jax.random.fold_in(jax.random.key(0), step))
+
+    args = (jnp.ones((3, 4)), jnp.int32(1))
+    cast, plain = (jax.jit(h).lower(*args).compile() for h in (f, g))
+    assert bench.convert_elements(plain.as_text()) > 0  # the int32 step becomes uint32 for the key
+    assert bench.convert_elements(cast.as_text()) - bench.convert_elements(plain.as_text()) == 3 * 4
+    assert cast.cost_analysis()["flops"] - plain.cost_analysis()["flops"] == 3 * 4
+
+
+@pytest.mark.parametrize("transfer", [False, True])
+def test_loader_throughput_counts_examples(digits, transfer):
+    rate = bench.loader_throughput(digits.train, 64, transfer=transfer, min_s=0.01, repeats=1)
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_bench_command_writes_json_markdown_and_chart(tmp_path, data_dir, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "mlp", "--styles", "equinox", "--patterns", "fast", "--batch-size", "8",
+                 "--repeats", "2", "--steps", "2", "--data-dir", str(data_dir), "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    rows = json.loads((out / "bench.json").read_text())
+    assert isinstance(rows, list) and [(r["style"], r["pattern"]) for r in rows] == [("jax", "fast"),
+                                                                                      ("equinox", "fast")]
+    assert all(set(r) >= set(bench.ROW_KEYS) for r in rows)
+    table = (out / "bench.md").read_text()
+    assert "| mlp | 8 | equinox | fast |" in table and table in capsys.readouterr().out
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_command_fails_when_flops_differ(tmp_path, data_dir, monkeypatch, capsys):
+    original = bench.make_cases
+
+    def with_a_changed_style(name, styles_, batch, **kwargs):
+        cases = original(name, styles_, batch, **kwargs)
+        model = styles.build(name, "haiku", in_shape=kwargs["in_shape"])
+        changed = dataclasses.replace(model, apply=lambda p, x, y, k: model.apply(p, x + 1.0, y, k))
+        key = jax.random.split(jax.random.key(0))[1]
+        cases.append(bench.fast_case(changed, model.from_canonical(cases[0].args[0].params),
+                                     jax.device_put(batch), TrainConfig(batch_size=len(batch["label"])), key))
+        return cases
+
+    monkeypatch.setattr(bench, "make_cases", with_a_changed_style)
+    code = main(["bench", "mlp", "--styles", "jax", "--batch-size", "4", "--repeats", "1", "--steps", "1",
+                 "--data-dir", str(data_dir), "--json", str(tmp_path / "rows.json"),
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 1
+    assert "FLOPs differ" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["flops_equal"] for r in rows] == [True, False]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "resnet"], "unknown model 'resnet'"),
+    (["bench", "--styles", "keras"], "unknown style 'keras'"),
+    (["bench", "--patterns", "slow"], "unknown pattern 'slow'"),
+    (["bench", "--batch-size", "0"], "must be a positive integer, got 0"),
+])
+def test_bad_input_is_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_batch_larger_than_the_data_is_one_line(data_dir, capsys):
+    assert main(["bench", "mlp", "--batch-size", "5000", "--data-dir", str(data_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "zoo: error: batch size 5000 is larger than the 1437 training examples of digits"
