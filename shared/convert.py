@@ -192,7 +192,7 @@ def convert(params: PyTree, model: str, src_style: str, dst_style: str, *,
     """Convert a model's parameters from one style to another, exactly.
 
     ``params`` is the source style's own parameter tree (a Linen ``params``
-    dict, a Haiku params dict, an ``nnx.State`` of ``nnx.Param``, the array
+    dict, a Haiku params dict, NNX parameters as ``nnx.to_pure_dict`` gives them, the array
     leaves of an Equinox module from ``eqx.partition(model, eqx.is_array)``, or
     the plain-JAX dict). The result is the destination style's tree, ready for
     its ``apply`` (or for ``eqx.combine`` / ``nnx.merge``).

@@ -43,7 +43,7 @@ class Decoder(eqx.Module):
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class VAE(eqx.Module):
@@ -71,11 +71,11 @@ class VAE(eqx.Module):
         # Unlike the other Equinox models this takes a whole batch: the noise
         # for the batch is one draw from `key`, as in every other style, and
         # the per-example encoder and decoder are vmapped around it.
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = jax.vmap(self.encoder)(x.reshape((x.shape[0], -1)), y)
         z = reparameterize(key, mean, logvar)
         return jax.vmap(self.decoder)(z, y), mean, logvar
 
     def generate(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)
         return jax.nn.sigmoid(jax.vmap(self.decoder)(z, y))

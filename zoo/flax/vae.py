@@ -44,7 +44,7 @@ class Decoder(nn.Module):
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class VAE(nn.Module):
@@ -64,11 +64,11 @@ class VAE(nn.Module):
         # The key comes in as an argument, as in Flax's own VAE example.
         # self.make_rng("noise") would instead fold this module's path into
         # the key, and so draw different noise from the other styles.
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = self.encoder(x.reshape((x.shape[0], -1)), y)
         z = reparameterize(z_rng, mean, logvar)
         return self.decoder(z, y), mean, logvar
 
     def generate(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)
         return nn.sigmoid(self.decoder(z, y))

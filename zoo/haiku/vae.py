@@ -37,7 +37,7 @@ class Decoder(hk.Module):
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class VAE(hk.Module):
@@ -58,11 +58,11 @@ class VAE(hk.Module):
         # hk.next_rng_key() takes the next key from the sequence that
         # transform(...).apply(params, rng, ...) builds from `rng`: for a plain
         # key that is jax.random.split(rng)[1], never `rng` itself.
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = self.encoder(hk.Flatten()(x), y)
         z = reparameterize(hk.next_rng_key(), mean, logvar)
         return self.decoder(z, y), mean, logvar
 
     def generate(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)
         return jax.nn.sigmoid(self.decoder(z, y))

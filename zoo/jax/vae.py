@@ -61,7 +61,7 @@ def decode(params: Params, z: jax.Array, y: jax.Array) -> jax.Array:
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def apply(
@@ -72,7 +72,7 @@ def apply(
     The noise is drawn from ``key``, passed in as an argument.
     """
     num_classes = params["encoder"]["fc1"]["kernel"].shape[0] - x[0].size
-    y = jax.nn.one_hot(labels, num_classes)
+    y = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)
     mean, logvar = encode(params, x.reshape((x.shape[0], -1)), y)
     z = reparameterize(key, mean, logvar)
     return decode(params, z, y), mean, logvar
@@ -81,4 +81,4 @@ def apply(
 def generate(params: Params, z: jax.Array, labels: jax.Array) -> jax.Array:
     """Pixel probabilities ``(batch, pixels)`` for latents ``z`` of classes ``labels``."""
     num_classes = params["decoder"]["fc1"]["kernel"].shape[0] - z.shape[-1]
-    return jax.nn.sigmoid(decode(params, z, jax.nn.one_hot(labels, num_classes)))
+    return jax.nn.sigmoid(decode(params, z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)))

@@ -36,7 +36,7 @@ class Decoder(nnx.Module):
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape)
+    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 class VAE(nnx.Module):
@@ -59,11 +59,11 @@ class VAE(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         # rngs.noise() hands out jax.random.fold_in(key, n) for the n-th call
         # on the stream "noise": the first draw uses fold_in(key, 0).
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = self.encoder(x.reshape((x.shape[0], -1)), y)
         z = reparameterize(rngs.noise(), mean, logvar)
         return self.decoder(z, y), mean, logvar
 
     def generate(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        y = jax.nn.one_hot(labels, self.num_classes)
+        y = jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)
         return nnx.sigmoid(self.decoder(z, y))
