@@ -60,6 +60,7 @@ import numpy as np
 from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
+from shared.files import atomic_path, write_text
 from shared.styles import Model, ZooError
 from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step, write_json
 from zoo import MODELS, STYLES
@@ -700,18 +701,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig.suptitle(f"train step time vs plain JAX ({first['precision']}, {first['dataset']}; dashed: 1.05x): "
                  f"{first['device'].split(';')[0]}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- command line

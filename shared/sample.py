@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from shared.files import atomic_path
 from shared.styles import Model, ZooError
 
 
@@ -39,10 +40,8 @@ def write_grid(model: Model, params: Any, path: str | Path, per_class: int = 10,
             y, x = pad + r * (height * scale + pad), pad + c * (width * scale + pad)
             grid[y:y + height * scale, x:x + width * scale] = tile
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(np.uint8(np.clip(grid, 0, 1) * 255)).save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.uint8(np.clip(grid, 0, 1) * 255)).save(tmp)
     return path
 
 

@@ -22,10 +22,8 @@ import datetime
 import inspect
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 
 from shared import catalogue
 from shared.catalogue import ALIGN_ORDER, ANCHOR, REFERENCE, TITLES
+from shared.files import write_text
 from zoo import MODELS, STYLES
 
 IN_SHAPE = (28, 28, 1)  # parameter tables are shown for MNIST-sized inputs
@@ -512,14 +511,6 @@ def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
     return cited
 
 
-def _write(path: Path, text: str) -> None:
-    """Write atomically, so an interrupted build never leaves half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = MODELS) -> list[Path]:
@@ -538,7 +529,7 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
     built = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     css = (env.loader.get_source(env, "site.css")[0] + "\n/* pygments */\n"
            + HtmlFormatter(style="default").get_style_defs([".code td.src", "pre.hl"]))
-    _write(out / "site.css", css)
+    write_text(out / "site.css", css)
     trees = parameter_trees(models)
     layouts = ({s: trees["cnn", s] for s in STYLES} if "cnn" in models
                else {s: p for (_, s), p in parameter_trees(["cnn"], measure=False).items()})
@@ -550,11 +541,11 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
         page = env.get_template("model.html").render(
             model=model, code=code_view(model), params=params, differences=rows, cited=_cited(rows),
             results=results(model, runs, assets), in_shape=IN_SHAPE, known=KNOWN_INITIALISERS, **common)
-        _write(out / f"{model}.html", page)
+        write_text(out / f"{model}.html", page)
         pages.append(out / f"{model}.html")
     rows = differences(pool(trees.values()), layouts)
     index = env.get_template("index.html").render(differences=rows, cited=_cited(rows), **common)
-    _write(out / "index.html", index)
+    write_text(out / "index.html", index)
     return [out / "index.html", *pages]
 
 

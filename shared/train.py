@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared import data as data_lib
+from shared.files import atomic_path, write_text
 from shared import tasks
 from shared.styles import Model, ZooError
 
@@ -381,10 +382,7 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def write_outputs(result: Result, out_dir: Path) -> None:
@@ -420,11 +418,9 @@ def plot_curves(result: Result, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"{result.model} / {result.style} on {result.dataset}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def count_params(tree: Any) -> int:
