@@ -568,25 +568,16 @@ def run_copy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _width(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of characters, got {text!r}") from None
-    if value < 20:
-        raise argparse.ArgumentTypeError(f"must be at least 20 characters, got {value}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared.cli import style_list
+    from shared.cli import int_at_least, style_list
 
     p = sub.add_parser("show", help="print a model's styles side by side in the terminal",
                        description="Print the files of one model, aligned so the same concept sits on the "
                                    "same row; stacked one after another when the terminal is too narrow.")
     p.add_argument("model", choices=MODELS)
     p.add_argument("--styles", type=style_list, default=STYLES, help="comma separated (default: all)")
-    p.add_argument("--width", type=_width, help="characters per line, at least 20 (default: the terminal's width)")
+    p.add_argument("--width", type=int_at_least(20, "at least 20 characters"),
+                   help="characters per line, at least 20 (default: the terminal's width)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="syntax colours (default: when writing to a terminal and NO_COLOR is unset)")
     p.set_defaults(handler=run_show)

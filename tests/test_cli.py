@@ -42,7 +42,8 @@ def test_bad_input_is_one_line_with_exit_status_2(args, needle, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_errors_raised_after_parsing_are_one_line_too(tmp_path, data_dir, capsys):
+def test_errors_raised_after_parsing_are_one_line_too(tmp_path, data_dir, digits, capsys):
+    """(digits: the dataset is built first, so only the error reaches stderr.)"""
     code = main(["train", "mlp", "--style", "jax", "--data-dir", str(data_dir), "--batch-size", "5000",
                  "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")])
     assert code == 2
