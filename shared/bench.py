@@ -716,7 +716,7 @@ def _models(text: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared.cli import add_data_args, positive_int, style_list
+    from shared.cli import add_data_args, choice_list, positive_int, style_list
 
     p = sub.add_parser("bench", help="time every style's train step against plain JAX",
                        description="Compile time, step time (batch 128 and a tiny batch), dispatch, FLOPs, "
@@ -725,7 +725,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"models to measure (default: all of {', '.join(MODELS)})")
     p.add_argument("--styles", type=style_list, default=STYLES,
                    help="comma separated (default: all; plain JAX is always measured as the reference)")
-    p.add_argument("--patterns", type=lambda s: _choices(s, PATTERNS, "pattern"), default=PATTERNS,
+    p.add_argument("--patterns", type=choice_list(PATTERNS, "pattern"), default=PATTERNS,
                    help="fast,idiomatic (default: both)")
     p.add_argument("--batch-size", type=positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="batch sizes: a realistic one and a tiny one where dispatch dominates "
@@ -742,15 +742,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON rows here instead of OUT/bench.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
-
-
-def _choices(text: str, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in values if v not in choices]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(choices)}")
-    return values
 
 
 def run(args: argparse.Namespace) -> int:

@@ -64,13 +64,21 @@ def positive_float(text: str) -> float:
     return value
 
 
-def style_list(text: str) -> tuple[str, ...]:
-    styles = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in styles if s not in STYLES]
-    if bad or not styles:
-        raise argparse.ArgumentTypeError(
-            f"unknown style {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(STYLES)}")
-    return styles
+def choice_list(choices: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated list drawn from ``choices``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(choices)}")
+        return values
+
+    return parse
+
+
+style_list = choice_list(STYLES, "style")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

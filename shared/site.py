@@ -550,13 +550,7 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def model_list(text: str) -> tuple[str, ...]:
-        models = tuple(m.strip() for m in text.split(",") if m.strip())
-        bad = [m for m in models if m not in MODELS]
-        if bad or not models:
-            raise argparse.ArgumentTypeError(
-                f"unknown model {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(MODELS)}")
-        return models
+    from shared.cli import choice_list
 
     p = sub.add_parser("site", help="write the static HTML catalogue (every style side by side)",
                        description="Write a static HTML catalogue: one page per model with every style "
@@ -564,7 +558,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "results found under --runs. Open OUT/index.html in a browser.")
     p.add_argument("--out", default="site", help="output folder (default: site)")
     p.add_argument("--runs", default="runs", help="where zoo compare/bench/train wrote results (default: runs)")
-    p.add_argument("--models", type=model_list, default=MODELS, help="comma separated (default: all)")
+    p.add_argument("--models", type=choice_list(MODELS, "model"), default=MODELS, help="comma separated (default: all)")
     p.set_defaults(handler=run)
 
 
