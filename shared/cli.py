@@ -339,7 +339,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               init_canonical=init_canonical)
     out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
     train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
-                           "config": __import__("dataclasses").asdict(config), "rows": rows})
+                           "config": dataclasses.asdict(config), "rows": rows})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

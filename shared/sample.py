@@ -11,6 +11,7 @@ import numpy as np
 
 from shared.files import atomic_path
 from shared.styles import Model, ZooError
+from zoo import STYLES
 
 
 def sample_images(model: Model, params: Any, per_class: int = 10, seed: int = 0) -> np.ndarray:
@@ -48,7 +49,7 @@ def write_grid(model: Model, params: Any, path: str | Path, per_class: int = 10,
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a PNG grid of VAE samples, one row per class")
     p.add_argument("model", choices=("vae",))
-    p.add_argument("--style", required=True, choices=__import__("zoo").STYLES,
+    p.add_argument("--style", required=True, choices=STYLES,
                    help="the style to sample with (any style can read any checkpoint)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by zoo train --checkpoint-dir")
     p.add_argument("--per-class", type=int, default=10)
