@@ -43,11 +43,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import math
 import os
 import platform
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,15 +57,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import equinox as eqx
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
 from shared.files import atomic_path, write_text
-from shared.styles import Model, ZooError
+from shared.args import Parser, choice_list, positive_int
+from shared.data import add_data_args
+from shared.errors import ZooError
+from shared.registry import MODELS, NAMES, STYLES
+from shared.styles import Model
 from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step, write_json
-from zoo import MODELS, STYLES
 
 PATTERNS = ("fast", "idiomatic")
 # Styles whose documented idiom is plain jax.jit over params and optimizer state: the fast pattern.
@@ -79,6 +87,7 @@ API = {
 }
 # An HLO instruction converting dtypes: "%c = bf16[128,64]{1,0} convert(%p), ...".
 _CONVERT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convert\(")
+_LINEAR = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+(convolution|dot)\(")
 DEFAULT_BATCH_SIZES = (128, 8)
 DEFAULT_OUT = Path("runs/bench")
 ROW_KEYS = ("model", "style", "pattern", "batch_size", "precision", "step_ms", "step_ratio", "compile_s",
@@ -127,24 +136,24 @@ def bench_config(batch_size: int, seed: int = 0) -> TrainConfig:
     return TrainConfig(batch_size=batch_size, seed=seed)
 
 
-def fast_case(model: Model, params: Any, batch: dict[str, jax.Array], config: TrainConfig,
+def fast_case(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array], config: TrainConfig,
               key: jax.Array) -> Case:
     """The pattern the shared loop runs: ``jax.jit`` on :func:`make_train_step`."""
     optimizer = make_optimizer(config, 10_000, None)
     step = jax.jit(make_train_step(model, optimizer, config, key))
-    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), None))
+    state = jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), None))
     return Case(model.name, model.style, "fast", config.batch_size, model.precision, step, (state, batch),
                 lambda args, out: (out[0], args[1]), lambda out: out[1], count_params(params))
 
 
-def idiomatic_case(model: Model, params: Any, batch: dict[str, jax.Array], config: TrainConfig,
-                   key: jax.Array) -> Case:
+def idiomatic_case(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
+                   config: TrainConfig, key: jax.Array) -> Case:
     """The step as the framework's documentation writes it (NNX and Equinox)."""
     builders = {"nnx": _nnx_idiomatic, "equinox": _equinox_idiomatic}
     if model.style not in builders:
         raise ZooError(f"{model.style}'s idiomatic step is the fast pattern; use fast_case")
     optimizer = make_optimizer(config, 10_000, None)
-    fn, args, advance, loss = builders[model.style](model, params, batch, optimizer, key)
+    fn, args, advance, loss = builders[model.style](model, params, model_state, batch, optimizer, key)
     return Case(model.name, model.style, "idiomatic", config.batch_size, model.precision, fn, args,
                 advance, loss, count_params(params))
 
@@ -161,13 +170,15 @@ def _to_float32(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
-def _nnx_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optimizer: Any,
+def _nnx_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array], optimizer: Any,
                    key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
-    from flax import nnx
-
-    kwargs = styles_lib.model_kwargs(model.name, model.in_shape, model.num_classes, model.hparams)
+    spec = model.spec
+    kwargs = spec.kwargs(model.in_shape, model.num_classes, model.hparams)
     net = model.module(**kwargs, dtype=_compute_dtype(model), rngs=nnx.Rngs(0))
     nnx.update(net, params)
+    if spec.state:
+        nnx.update(net, model_state)
+    net.train()  # NNX's default; BatchNorm then updates its statistics in place
     opt = nnx.Optimizer(net, optimizer, wrt=nnx.Param)
 
     @nnx.jit
@@ -175,10 +186,10 @@ def _nnx_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optim
         step_key = jax.random.fold_in(key, opt.step[...])
 
         def loss_fn(net):
-            if model.kind == "vae":
-                outputs = net(batch["image"], batch["label"], nnx.Rngs(noise=step_key))
-            else:
-                outputs = net(batch["image"])
+            args = (batch["image"],) + ((batch["label"],) if spec.labels else ())
+            if spec.rng:
+                args += (nnx.Rngs(**{spec.rng: step_key}),)
+            outputs = net(*args)
             return tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
 
         loss, grads = nnx.value_and_grad(loss_fn)(net)
@@ -188,12 +199,13 @@ def _nnx_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optim
     return train_step, (net, opt, batch), lambda args, out: args, lambda out: out[0]
 
 
-def _equinox_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], optimizer: Any,
-                       key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
-    import equinox as eqx
-
-    kwargs = styles_lib.model_kwargs(model.name, model.in_shape, model.num_classes, model.hparams)
-    static = eqx.partition(model.module(**kwargs, key=jax.random.key(0)), eqx.is_array)[1]
+def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
+                       optimizer: Any, key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    spec = model.spec
+    kwargs = spec.kwargs(model.in_shape, model.num_classes, model.hparams)
+    make = eqx.nn.make_with_state(model.module) if spec.state else model.module
+    abstract = eqx.filter_eval_shape(lambda: make(**kwargs, key=jax.random.key(0)))
+    static = eqx.partition(abstract[0] if spec.state else abstract, eqx.is_array)[1]
     net = eqx.combine(params, static)
     compute = _compute_dtype(model)
 
@@ -203,27 +215,33 @@ def _equinox_idiomatic(model: Model, params: Any, batch: dict[str, jax.Array], o
         return jax.tree.map(lambda x: x.astype(compute) if eqx.is_inexact_array(x) else x, tree)
 
     @eqx.filter_jit
-    def train_step(net, opt_state, batch, step):
+    def train_step(net, model_state, opt_state, batch, step):
         step_key = jax.random.fold_in(key, step)
 
         def loss_fn(net):
             net, images = cast(net), cast(batch["image"])
-            if model.kind == "vae":
-                outputs = net(images, batch["label"], key=styles_lib.noise_key(step_key))
-            else:
-                if model.name == "cnn":
-                    images = jnp.transpose(images, (0, 3, 1, 2))  # Equinox convolutions take CHW
-                outputs = jax.vmap(net)(images)
-            return tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+            if spec.channels_first:
+                images = jnp.transpose(images, (0, 3, 1, 2))  # Equinox convolutions take CHW
+            args, in_axes = [images], [0]
+            if spec.labels:
+                args, in_axes = args + [batch["label"]], in_axes + [0]
+            if spec.state:
+                args, in_axes = args + [model_state], in_axes + [None]
+            kw = {"key": jax.random.split(styles_lib.rng_key(step_key), len(images))} if spec.rng else {}
+            out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
+                           axis_name="batch")(*args, **kw)
+            outputs, new_state = out if spec.state else (out, model_state)
+            loss = tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+            return loss, new_state
 
-        loss, grads = eqx.filter_value_and_grad(loss_fn)(net)
+        (loss, model_state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(net)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(net, eqx.is_array))
         net = eqx.apply_updates(net, updates)
-        return net, opt_state, step + 1, loss, _finite(grads, eqx.filter(net, eqx.is_array))
+        return net, model_state, opt_state, step + 1, loss, _finite(grads, eqx.filter(net, eqx.is_array))
 
     opt_state = optimizer.init(eqx.filter(net, eqx.is_array))
-    args = (net, opt_state, batch, jnp.zeros((), jnp.int32))
-    return (train_step, args, lambda args, out: (out[0], out[1], args[2], out[2]), lambda out: out[3])
+    args = (net, model_state, opt_state, batch, jnp.zeros((), jnp.int32))
+    return (train_step, args, lambda args, out: (out[0], out[1], out[2], args[3], out[3]), lambda out: out[4])
 
 
 def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *, in_shape: tuple[int, ...],
@@ -244,12 +262,14 @@ def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *
         model = styles_lib.build(name, style, in_shape=in_shape, num_classes=num_classes,
                                  precision=precision, **hparams)
         if canonical is None:
-            canonical = model.to_canonical(model.init(init_key))
-        params = jax.device_put(model.from_canonical(canonical))
+            start_params, start_state = model.init(init_key)
+            canonical = model.to_canonical(start_params), model.state_to_canonical(start_state)
+        params = jax.device_put(model.from_canonical(canonical[0]))
+        model_state = jax.device_put(model.state_from_canonical(canonical[1], 0))
         if "fast" in patterns or style == "jax":
-            cases.append(fast_case(model, params, device_batch, config, train_key))
+            cases.append(fast_case(model, params, model_state, device_batch, config, train_key))
         if "idiomatic" in patterns and style not in IDIOMATIC_IS_FAST:
-            cases.append(idiomatic_case(model, params, device_batch, config, train_key))
+            cases.append(idiomatic_case(model, params, model_state, device_batch, config, train_key))
     return cases
 
 
@@ -271,13 +291,16 @@ def compile_case(case: Case) -> dict[str, Any]:
     cost = cost or {}
     memory = compiled.memory_analysis()
     try:
-        converts: float | None = float(convert_elements(compiled.as_text()))
+        hlo = compiled.as_text()
+        converts: float | None = float(convert_elements(hlo))
+        linear: list | None = linear_algebra(hlo)
     except Exception:  # no HLO text from this backend: differences stay unexplained
-        converts = None
+        converts, linear = None, None
     info: dict[str, Any] = {
         "compile_s": compile_s,
         "flops": _number(cost.get("flops")),
         "convert_flops": converts,
+        "linear_ops": linear,
         "transcendentals": _number(cost.get("transcendentals")),
         "bytes_accessed": _number(cost.get("bytes accessed")),
         "memory": None, "peak_bytes": None,
@@ -300,6 +323,20 @@ def convert_elements(hlo: str) -> int:
     inside a layer) differ in FLOPs by exactly this much.
     """
     return sum(math.prod(int(d) for d in dims.split(",") if d) for dims in _CONVERT.findall(hlo))
+
+
+def linear_algebra(hlo: str) -> list[list]:
+    """The convolutions and matrix products of an HLO module: ``[op, output elements, count]``, sorted.
+
+    Layout-blind (an NCHW and an NHWC convolution of the same sizes count
+    alike), so two steps with the same list run the same linear algebra and
+    differ at most in elementwise and reduction work.
+    """
+    counts: dict[tuple[str, int], int] = {}
+    for dims, op in _LINEAR.findall(hlo):
+        key = (op, math.prod(int(d) for d in dims.split(",") if d))
+        counts[key] = counts.get(key, 0) + 1
+    return [[op, size, n] for (op, size), n in sorted(counts.items())]
 
 
 def _number(value: Any) -> float | None:
@@ -443,8 +480,6 @@ def machine() -> str:
 
 
 def _framework_version(style: str) -> str:
-    import importlib
-
     module = {"jax": "jax", "flax": "flax", "nnx": "flax", "haiku": "haiku", "equinox": "equinox"}[style]
     return f"{module} {importlib.import_module(module).__version__}"
 
@@ -472,13 +507,12 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
     } for case, info, timing in zip(cases, compiled, timings)]
 
 
-def bench(models: Sequence[str] = MODELS, styles: Sequence[str] = STYLES, *,
+def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, precision: str = "float32",
           dataset: data_lib.Dataset, patterns: Sequence[str] = PATTERNS, rounds: int = 15,
           steps: int | None = None, seed: int = 0, progress: bool = True, loader_s: float = 0.2,
           hparams: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Measure every model x style x pattern x batch size; rows with ratios to plain JAX."""
-    from tqdm.auto import tqdm
 
     hparams = hparams or {}
     for size in batch_sizes:
@@ -537,6 +571,16 @@ def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if converts == row["flops_diff"]:
                 row["flops_note"] = (f"only dtype conversions differ ({converts:+,.0f} converted elements): "
                                      "the same arithmetic, cast in other places")
+        if (not row["flops_equal"] and row["flops_note"] is None and MODELS[row["model"]].state
+                and row.get("linear_ops") is not None and row["linear_ops"] == ref.get("linear_ops")):
+            # A model with state normalises with each framework's own BatchNorm, whose statistics
+            # are computed and kept differently (Haiku debiases and counts, Equinox takes a
+            # two-pass variance): extra elementwise work, the same linear algebra. That they
+            # compute the same function is the parity tests' job (zoo/test_parity.py).
+            ops = sum(n for _, _, n in row["linear_ops"])
+            row["flops_note"] = (f"the same {ops} convolutions and matrix products; the other "
+                                 f"{row['flops_diff']:+,.0f} FLOPs are the elementwise work of the framework's "
+                                 "own BatchNorm (statistics, debiasing)")
         row["bytes_ratio"] = (row["bytes_accessed"] / ref["bytes_accessed"]
                               if row["bytes_accessed"] and ref["bytes_accessed"] else None)
         row["examples_per_s"] = row["batch_size"] / (row["step_ms"] / 1e3)
@@ -710,20 +754,18 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def _models(text: str) -> str:
-    if text not in MODELS:
-        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(MODELS)}")
+    if text not in NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(NAMES)}")
     return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared.cli import add_data_args, choice_list, positive_int, style_list
-
     p = sub.add_parser("bench", help="time every style's train step against plain JAX",
                        description="Compile time, step time (batch 128 and a tiny batch), dispatch, FLOPs, "
                                    "memory and loader throughput of every style, as ratios to plain JAX.")
     p.add_argument("models", nargs="*", type=_models, metavar="MODEL",
-                   help=f"models to measure (default: all of {', '.join(MODELS)})")
-    p.add_argument("--styles", type=style_list, default=STYLES,
+                   help=f"models to measure (default: all of {', '.join(NAMES)})")
+    p.add_argument("--styles", type=choice_list(STYLES, "style"), default=STYLES,
                    help="comma separated (default: all; plain JAX is always measured as the reference)")
     p.add_argument("--patterns", type=choice_list(PATTERNS, "pattern"), default=PATTERNS,
                    help="fast,idiomatic (default: both)")
@@ -745,10 +787,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
-    models = tuple(dict.fromkeys(args.models)) or MODELS
+    models = tuple(dict.fromkeys(args.models)) or NAMES
     rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
                  precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
                  steps=args.steps, seed=args.seed, progress=not args.no_progress)

@@ -23,9 +23,20 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from importlib import metadata
 from typing import Any
 
-from zoo import MODELS, STYLES
+import pygments
+from packaging.requirements import Requirement
+from pygments.formatters import TerminalFormatter
+from pygments.lexers import PythonLexer
+from pygments.token import Text
+
+import zoo
+from shared import registry
+from shared.args import choice_list, int_at_least
+from shared.errors import ZooError, check_choice
+from shared.registry import NAMES, STYLES
 
 TITLES = {"jax": "plain JAX", "flax": "Flax Linen", "nnx": "Flax NNX", "haiku": "Haiku", "equinox": "Equinox"}
 # The rows are anchored on the Linen file, not on the plain-JAX reference: the
@@ -50,8 +61,6 @@ Token = tuple[Any, str]  # (pygments token type, text)
 
 def source_path(model: str, style: str) -> Path:
     """The catalogue's file for ``model`` in ``style``."""
-    import zoo
-
     return Path(zoo.__file__).resolve().parent / style / f"{model}.py"
 
 
@@ -157,8 +166,6 @@ def differs_from_reference(lines: Sequence[str], reference: Sequence[str]) -> se
 def token_lines(source: str) -> list[list[Token]]:
     """Pygments tokens of ``source``, split into one list per line (a docstring
     spanning lines is cut at each newline), so each line renders on its own."""
-    from pygments.lexers import PythonLexer
-
     lines: list[list[Token]] = [[]]
     for ttype, value in PythonLexer(stripnl=False, ensurenl=False).get_tokens(source):
         for k, part in enumerate(value.split("\n")):
@@ -182,8 +189,6 @@ def _slice(tokens: Sequence[Token], start: int, end: int) -> list[Token]:
 def wrap(tokens: Sequence[Token], width: int) -> list[list[Token]]:
     """A line cut into pieces of at most ``width`` characters, preferring to break
     after a space; continuation pieces get a hanging indent of 4."""
-    from pygments.token import Text
-
     width = max(width, 1)
     text = "".join(t for _, t in tokens)
     if len(text) <= width:
@@ -204,9 +209,6 @@ def wrap(tokens: Sequence[Token], width: int) -> list[list[Token]]:
 def render(tokens: Sequence[Token], color: bool) -> str:
     if not color:
         return "".join(t for _, t in tokens)
-    import pygments
-    from pygments.formatters import TerminalFormatter
-
     return pygments.format(tokens, TerminalFormatter()).rstrip("\n")
 
 
@@ -304,8 +306,6 @@ class CopyCheckError(Exception):
 
 def destination(model: str, dest: str | Path) -> Path:
     """``DEST/<model>.py`` for a folder (made if missing), or ``DEST`` itself when it ends in ``.py``."""
-    from shared.styles import ZooError
-
     dest = Path(dest)
     if dest.suffix == ".py":
         if dest.is_dir():
@@ -318,9 +318,7 @@ def destination(model: str, dest: str | Path) -> Path:
 
 def copy_model(model: str, style: str, dest: str | Path, *, force: bool = False) -> Path:
     """Copy ``zoo/<style>/<model>.py`` to ``dest``, atomically; never overwrite unless ``force``."""
-    from shared.styles import ZooError, check_choice
-
-    check_choice("model", model, MODELS)
+    check_choice("model", model, NAMES)
     check_choice("style", style, STYLES)
     target = destination(model, dest)
     if target.exists() and not force:
@@ -358,10 +356,6 @@ def _canon(name: str) -> str:
 
 def allowed_distributions(style: str) -> set[str]:
     """jax, numpy and the style's framework, with everything they require, recursively."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
     todo = [("jax", ()), ("numpy", ()), *FRAMEWORKS[style]]
     seen: set[tuple[str, tuple[str, ...]]] = set()
     allowed: set[str] = set()
@@ -385,8 +379,6 @@ def allowed_distributions(style: str) -> set[str]:
 
 def hidden_modules(style: str) -> list[str]:
     """Installed top-level modules outside jax, numpy, the framework and their requirements."""
-    from importlib import metadata
-
     allowed = allowed_distributions(style)
     return sorted(module for module, dists in metadata.packages_distributions().items()
                   if module not in sys.stdlib_module_names and module not in ("zoo", "shared")
@@ -429,32 +421,58 @@ import jax.numpy as jnp
 
 
 def forward(module, item):
+    """One forward pass in training mode (so dropout and BatchNorm's updates run too); outputs only."""
+    import inspect
+
     key = jax.random.key(0)
     x = jnp.zeros((2, *item["in_shape"]), jnp.float32)
     labels = jnp.zeros((2,), jnp.int32)
-    vae, style, kwargs = item["kind"] == "vae", item["style"], item["kwargs"]
+    style, kwargs, call = item["style"], item["kwargs"], item["call"]
+    extra = (labels,) if call["labels"] else ()
     if style == "jax":
-        params = module.init(key, **kwargs)
-        return module.apply(params, x, labels, key) if vae else module.apply(params, x)
+        def takes(fn):
+            return {k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters}
+        made = module.init(key, **takes(module.init))
+        params, state = made if call["state"] else (made, None)
+        args = ((params,) + ((state,) if call["state"] else ()) + (x,) + extra
+                + ((key,) if call["rng"] else ()) + ((True,) if call["train"] else ()))
+        out = module.apply(*args, **takes(module.apply))
+        return out[0] if call["state"] else out
     cls = getattr(module, item["class"])
     lazy = {k: v for k, v in kwargs.items() if k not in item["inferred"]}
     if style == "flax":
         net = cls(**lazy)
-        args = (x, labels, key) if vae else (x,)
-        return net.apply(net.init(key, *args), *args)
+        args = (x,) + extra + ((True,) if call["train"] else ()) + ((key,) if call["rng"] else ())
+        variables = net.init(key, *args)
+        if call["state"]:
+            return net.apply(variables, *args, mutable=["batch_stats"])[0]
+        return net.apply(variables, *args)
     if style == "nnx":
         from flax import nnx
         net = cls(**kwargs, rngs=nnx.Rngs(0))
-        return net(x, labels, nnx.Rngs(noise=1)) if vae else net(x)
+        return net(x, *extra, *((nnx.Rngs(**{call["rng"]: 1}),) if call["rng"] else ()))
     if style == "haiku":
         import haiku as hk
-        f = hk.transform(lambda *a: cls(**lazy)(*a))
-        args = (x, labels) if vae else (x,)
+        transform = hk.transform_with_state if call["state"] else hk.transform
+        f = transform(lambda *a: cls(**lazy)(*a))
+        args = (x,) + extra + ((True,) if call["train"] else ())
+        if call["state"]:
+            params, state = f.init(key, *args)
+            return f.apply(params, state, key, *args)[0]
         return f.apply(f.init(key, *args), key, *args)
-    net = cls(**kwargs, key=key)
-    if vae:
-        return net(x, labels, key=key)
-    return jax.vmap(net)(jnp.transpose(x, (0, 3, 1, 2)) if item["chw"] else x)
+    import equinox as eqx
+    if call["state"]:
+        net, state = eqx.nn.make_with_state(cls)(**kwargs, key=key)
+    else:
+        net, state = cls(**kwargs, key=key), None
+    args = [jnp.transpose(x, (0, 3, 1, 2)) if item["chw"] else x, *extra]
+    in_axes = [0] * len(args)
+    if call["state"]:
+        args, in_axes = args + [state], in_axes + [None]
+    kw = {"key": jax.random.split(key, 2)} if call["rng"] else {}
+    out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if call["state"] else 0,
+                   axis_name="batch")(*args, **kw)
+    return out[0] if call["state"] else out
 
 
 for item in spec["items"]:
@@ -491,19 +509,18 @@ def check_copies(style: str, copies: Sequence[tuple[Path, str]], *, timeout: flo
     """Import each copied ``(path, model)`` of one style in one fresh Python, away
     from this repository, and run one forward pass on zeros; raise
     :class:`CopyCheckError` saying what failed, else return the child's report."""
-    from shared import styles as styles_lib
-
     items = []
     for path, model in copies:
         path = Path(path).resolve()
-        kwargs = styles_lib.model_kwargs(model, CHECK_SHAPE, 10, styles_lib.DEFAULT_HPARAMS[model])
+        spec = registry.get(model)
         items.append({
             "path": str(path), "dir": str(path.parent), "module": path.stem, "style": style,
-            "kind": styles_lib.KINDS[model], "class": styles_lib.CLASS_NAMES[model], "kwargs": kwargs,
-            "inferred": sorted(styles_lib.INFERRED), "in_shape": list(CHECK_SHAPE),
-            "chw": style == "equinox" and model == "cnn",
+            "kind": spec.kind, "class": spec.class_name, "kwargs": spec.kwargs(CHECK_SHAPE, 10, {}),
+            "inferred": list(spec.inferred), "in_shape": list(CHECK_SHAPE),
+            "chw": style == "equinox" and spec.channels_first,
+            "call": {"labels": spec.labels, "rng": spec.rng, "train": spec.train_mode, "state": spec.state},
         })
-    repo = os.path.realpath(source_path(MODELS[0], STYLES[0]).parents[2])
+    repo = os.path.realpath(source_path(NAMES[0], STYLES[0]).parents[2])
     framework = ", ".join(sorted(FRAMEWORK_MODULES[style])) or "no framework"
     spec = {"site": _site_dirs(), "repo": repo, "hidden": hidden_modules(style), "items": items,
             "framework": framework}
@@ -569,12 +586,11 @@ def run_copy(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared.cli import int_at_least, style_list
-
+    style_list = choice_list(STYLES, "style")
     p = sub.add_parser("show", help="print a model's styles side by side in the terminal",
                        description="Print the files of one model, aligned so the same concept sits on the "
                                    "same row; stacked one after another when the terminal is too narrow.")
-    p.add_argument("model", choices=MODELS)
+    p.add_argument("model", choices=NAMES)
     p.add_argument("--styles", type=style_list, default=STYLES, help="comma separated (default: all)")
     p.add_argument("--width", type=int_at_least(20, "at least 20 characters"),
                    help="characters per line, at least 20 (default: the terminal's width)")
@@ -587,7 +603,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "that cannot see this repository and run one forward pass. The copy is "
                                    "kept even if the check fails (it is byte for byte the catalogue's file; "
                                    "a failure usually means the framework is missing here).")
-    p.add_argument("model", choices=MODELS)
+    p.add_argument("model", choices=NAMES)
     p.add_argument("--style", required=True, choices=STYLES)
     p.add_argument("dest", metavar="DEST", help="a folder (DEST/MODEL.py) or a file path ending in .py")
     p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")

@@ -3,9 +3,12 @@
 A checkpoint of step ``N`` lives in ``DIR/N/`` (an ``orbax.checkpoint``
 ``CheckpointManager`` folder) and holds four items:
 
-- ``params``, ``opt_state`` and ``ema``: arrays in the **canonical layout**
-  (:mod:`shared.convert`), so a checkpoint written by Haiku is resumed by
-  Equinox. In the optimiser state every subtree shaped like the parameters
+- ``params``, ``state``, ``opt_state`` and ``ema``: arrays in the **canonical
+  layout** (:mod:`shared.layouts`), so a checkpoint written by Haiku is
+  resumed by Equinox. ``state`` is the model's state (BatchNorm's running
+  statistics, canonical: not debiased); the metadata's ``state_updates``
+  counts the training steps it has seen, which Haiku and Equinox need to
+  debias it again. In the optimiser state every subtree shaped like the parameters
   (Adam's ``mu`` and ``nu``, SGD's ``trace``, inside ``multi_transform`` with
   ``optax.MaskedNode`` where parameters are frozen) is converted; the other
   leaves (step counts) are stored as they are.
@@ -28,6 +31,7 @@ import json
 import logging
 import platform
 import zlib
+from importlib.metadata import version
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,15 +39,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import train as train_lib
-from shared.convert import _key_name
-from shared.styles import Model, ZooError
+from shared.errors import ZooError
+from shared.layouts import _key_name
+from shared.styles import Model
 
-FORMAT = 1
-ARRAY_ITEMS = ("params", "opt_state", "ema")
+FORMAT = 2
+ARRAY_ITEMS = ("params", "state", "opt_state", "ema")
 ITEMS = (*ARRAY_ITEMS, "meta")
 DEFAULT_KEEP = 3
 # TrainConfig fields a resumed run may change (the evaluation batch size has
@@ -123,8 +129,6 @@ def _quiet() -> Iterator[None]:
 
 
 def _manager(directory: Path, *, read_only: bool, keep: int | None = None):
-    import orbax.checkpoint as ocp
-
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
@@ -164,8 +168,6 @@ def resolve(path: str | Path) -> tuple[Path, int]:
 
 def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     """The JSON metadata of one step, checked to be there and whole."""
-    import orbax.checkpoint as ocp
-
     directory = Path(directory)
     manager = _manager(directory, read_only=True)
     try:
@@ -176,7 +178,7 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     finally:
         manager.close()
     required = {"format", "model", "hparams", "in_shape", "num_classes", "precision", "dataset", "config",
-                "step", "data_order", "arrays", "log"}
+                "step", "data_order", "arrays", "log", "state_updates"}
     if not isinstance(meta, dict) or not required <= set(meta):
         missing = sorted(required - set(meta)) if isinstance(meta, dict) else ["everything"]
         raise _unreadable(directory, step, f"its metadata lacks {', '.join(missing)}")
@@ -201,8 +203,6 @@ def _unreadable(directory: Path, step: int, why: Any) -> ZooError:
 def _restore_arrays(directory: Path, step: int, meta: dict[str, Any],
                     expected: dict[str, dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
     """Restore the items of ``expected`` (``{item: {path: ShapeDtypeStruct}}``), checked against ``meta``."""
-    import orbax.checkpoint as ocp
-
     stored = meta["arrays"]
     for item, flat in expected.items():
         have = {p[len(item) + 1:]: v for p, v in stored.items() if p.startswith(item + "/")}
@@ -243,8 +243,6 @@ def _restore_arrays(directory: Path, step: int, meta: dict[str, Any],
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     return {"python": platform.python_version(),
             **{name: version(name) for name in ("jax", "jaxlib", "optax", "orbax-checkpoint", "zoo")}}
 
@@ -262,8 +260,10 @@ class Saver:
     """The ``on_step`` hook that writes checkpoints of a run (see :func:`train`)."""
 
     def __init__(self, directory: Path, model: Model, dataset: data_lib.Dataset,
-                 config: train_lib.TrainConfig, log: train_lib.RunLog, *, save_every: int, keep: int):
+                 config: train_lib.TrainConfig, log: train_lib.RunLog, *, save_every: int, keep: int,
+                 state_updates: int = 0):
         self.directory, self.model, self.log = directory, model, log
+        self.state_updates = state_updates  # updates the state had seen at step 0 (--init-from)
         self.save_every = save_every
         self.steps_per_epoch = len(dataset.train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -276,17 +276,16 @@ class Saver:
             self.save(step, state)
 
     def save(self, step: int, state: train_lib.TrainState) -> None:
-        import orbax.checkpoint as ocp
-
         host = jax.device_get(state)
         trees = {"params": self.model.to_canonical(host.params),
+                 "state": self.model.state_to_canonical(host.model_state),
                  "opt_state": to_canonical_tree(self.model, host.opt_state),
                  "ema": None if host.ema_params is None else self.model.to_canonical(host.ema_params)}
         flats = {item: {p: np.asarray(v) for p, v in flatten(tree).items()} for item, tree in trees.items()}
         arrays = {f"{item}/{p}": {**_describe(v), "crc32": _crc(v)}
                   for item, flat in flats.items() for p, v in flat.items()}
         epoch, index = divmod(step, self.steps_per_epoch)
-        meta = {**self.meta, "step": step, "arrays": arrays,
+        meta = {**self.meta, "step": step, "arrays": arrays, "state_updates": self.state_updates + step,
                 "data_order": {"epoch": epoch, "index": index, "steps_per_epoch": self.steps_per_epoch},
                 # Copies: Orbax writes the JSON in the background while the loop appends to the log.
                 "log": {"history": [dict(h) for h in self.log.history],
@@ -360,10 +359,11 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
     optimizer = train_lib.make_optimizer(config, steps_per_epoch * config.epochs,
                                          train_lib.trainable_labels(model, config))
     key = jax.random.key(0)
-    like_opt = jax.eval_shape(lambda k: optimizer.init(model.init(k)), key)
-    canonical_opt = jax.eval_shape(lambda k: to_canonical_tree(model, optimizer.init(model.init(k))), key)
-    canonical_params = jax.eval_shape(lambda k: model.to_canonical(model.init(k)), key)
-    expected = {"params": flatten(canonical_params), "opt_state": flatten(canonical_opt),
+    like_opt = jax.eval_shape(lambda k: optimizer.init(model.init_params(k)), key)
+    canonical_opt = jax.eval_shape(lambda k: to_canonical_tree(model, optimizer.init(model.init_params(k))), key)
+    canonical_params, canonical_state = _canonical_shapes(model)
+    expected = {"params": flatten(canonical_params), "state": flatten(canonical_state),
+                "opt_state": flatten(canonical_opt),
                 "ema": flatten(canonical_params) if config.ema is not None else {}}
     values = _restore_arrays(directory, step, meta, expected)
 
@@ -372,14 +372,24 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
         return treedef.unflatten([values[item][p] for p in flatten(like)])
 
     params = model.from_canonical(rebuild("params", canonical_params))
+    model_state = model.state_from_canonical(rebuild("state", canonical_state), meta["state_updates"])
     opt_state = from_canonical_tree(model, rebuild("opt_state", canonical_opt), like_opt)
     ema = model.from_canonical(rebuild("ema", canonical_params)) if config.ema is not None else None
     log = train_lib.RunLog([dict(h) for h in meta["log"]["history"]], list(meta["log"]["step_losses"]))
-    return train_lib.TrainState(jnp.asarray(step, jnp.int32), params, opt_state, ema), log
+    return train_lib.TrainState(jnp.asarray(step, jnp.int32), params, model_state, opt_state, ema), log
 
 
-def read_params(path: str | Path, model: Model) -> Any:
-    """The parameters stored at ``path``, in ``model``'s style; they must be of the same network."""
+def _canonical_shapes(model: Model) -> tuple[Any, Any]:
+    """Shapes and dtypes of ``model``'s parameters and state in the canonical layout."""
+    return jax.eval_shape(lambda k: (lambda p, st: (model.to_canonical(p), model.state_to_canonical(st)))(
+        *model.init(k)), jax.random.key(0))
+
+
+def read_variables(path: str | Path, model: Model) -> tuple[Any, Any, int]:
+    """The parameters and state stored at ``path``, in ``model``'s style, and the state's update count.
+
+    They must be of the same network: the same model, number of classes and shapes.
+    """
     directory, step = resolve(path)
     where = directory / str(step)
     meta = read_meta(directory, step)
@@ -388,21 +398,32 @@ def read_params(path: str | Path, model: Model) -> Any:
                if meta[key] != value]
     if clashes:
         raise ZooError(f"cannot take the parameters of {where}: {'; '.join(clashes)}")
-    canonical = jax.eval_shape(lambda k: model.to_canonical(model.init(k)), jax.random.key(0))
-    values = _restore_arrays(directory, step, meta, {"params": flatten(canonical)})["params"]
-    treedef = jax.tree_util.tree_structure(canonical)
-    return model.from_canonical(treedef.unflatten([values[p] for p in flatten(canonical)]))
+    canonical_params, canonical_state = _canonical_shapes(model)
+    values = _restore_arrays(directory, step, meta, {"params": flatten(canonical_params),
+                                                     "state": flatten(canonical_state)})
+
+    def rebuild(item: str, like: Any) -> Any:
+        return jax.tree_util.tree_structure(like).unflatten([values[item][p] for p in flatten(like)])
+
+    updates = meta["state_updates"]
+    return (model.from_canonical(rebuild("params", canonical_params)),
+            model.state_from_canonical(rebuild("state", canonical_state), updates), updates)
 
 
-def read_canonical_params(path: str | Path, model_name: str, in_shape: tuple[int, int, int],
-                          num_classes: int, **hparams: Any) -> dict[str, Any]:
-    """The parameters stored at ``path`` in the canonical layout, for a model of this shape."""
+def read_params(path: str | Path, model: Model) -> Any:
+    """The parameters stored at ``path``, in ``model``'s style."""
+    return read_variables(path, model)[0]
+
+
+def read_canonical(path: str | Path, model_name: str, in_shape: tuple[int, int, int],
+                   num_classes: int, **hparams: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The parameters and state stored at ``path`` in the canonical layout, and the state's update count."""
     reference = styles_lib.build(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
-    return read_params(path, reference)
+    return read_variables(path, reference)
 
 
-def load_params(path: str | Path, style: str, expect_model: str | None = None) -> tuple[Model, Any]:
-    """The model a checkpoint was trained as, built in ``style``, and its parameters.
+def load_variables(path: str | Path, style: str, expect_model: str | None = None) -> tuple[Model, Any, Any]:
+    """The model a checkpoint was trained as, built in ``style``, and its parameters and state.
 
     ``path`` is a checkpoint folder (its newest step is read) or one step's folder.
     """
@@ -413,7 +434,8 @@ def load_params(path: str | Path, style: str, expect_model: str | None = None) -
     model = styles_lib.build(meta["model"], style, in_shape=tuple(meta["in_shape"]),
                              num_classes=meta["num_classes"], precision=meta.get("precision", "float32"),
                              **meta["hparams"])
-    return model, read_params(directory / str(step), model)
+    params, state, _ = read_variables(directory / str(step), model)
+    return model, params, state
 
 
 # --------------------------------------------------------------------------- a run with checkpoints
@@ -421,14 +443,16 @@ def load_params(path: str | Path, style: str, expect_model: str | None = None) -
 
 def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig, directory: str | Path, *,
           save_every: int | None = None, keep: int = DEFAULT_KEEP, resume: bool = False,
-          init_params: Any = None, out_dir: str | Path | None = None,
-          progress: bool = True) -> train_lib.Result:
+          init_params: Any = None, init_state: Any = None, init_updates: int = 0,
+          out_dir: str | Path | None = None, progress: bool = True) -> train_lib.Result:
     """:func:`shared.train.train` with checkpoints in ``directory``.
 
     Saves every ``save_every`` steps (default: at the end of every epoch) and
     at the end of training, keeping the newest ``keep``. With ``resume`` the
     run continues from the newest complete checkpoint, in any style; without
     it, a folder that already holds checkpoints is refused rather than mixed.
+    ``init_state`` (with ``init_updates``, the training steps it has seen)
+    starts the model state from another run's, as ``--init-from`` does.
     """
     config.validate()
     directory = Path(directory)
@@ -441,19 +465,22 @@ def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig
     if directory.exists() and not directory.is_dir():
         raise ZooError(f"checkpoint dir {directory} is a file, not a folder")
     found = steps(directory)
-    start, log = None, train_lib.RunLog()
+    start, log, meta_updates = None, train_lib.RunLog(), 0
     if resume:
         if not found:
             raise ZooError(f"nothing to resume: {directory} holds no complete checkpoint; "
                            "run without --resume to start")
         start, log = restore_state(directory, model, dataset, config, found[-1])
+        meta_updates = read_meta(directory, found[-1])["state_updates"]
     elif found:
         raise ZooError(f"{directory} already holds checkpoints (steps {', '.join(map(str, found))}); "
                        "pass --resume to continue that run, or choose another --checkpoint-dir")
     steps_per_epoch = max(len(dataset.train) // config.batch_size, 1)
-    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep)
+    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep,
+                  state_updates=(meta_updates - int(start.step)) if resume else init_updates)
     try:
-        return train_lib.train(model, dataset, config, init_params=init_params, out_dir=out_dir,
+        return train_lib.train(model, dataset, config, init_params=init_params, init_state=init_state,
+                               out_dir=out_dir,
                                progress=progress, on_step=saver, start=start, log=log)
     except train_lib.NonFiniteError as error:
         saver.close()

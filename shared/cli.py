@@ -13,91 +13,35 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zoo import MODELS, STYLES
+import jax
 
-DATASETS = ("digits", "mnist", "fashion_mnist")
-# Per-model defaults that reach good accuracy on digits in seconds on a CPU.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "mlp": {"epochs": 20, "lr": 1e-3},
-    "cnn": {"epochs": 40, "lr": 1e-3},
-    "vae": {"epochs": 30, "lr": 1e-3},
-}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def int_at_least(minimum: int, meaning: str) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``, named ``meaning`` in errors."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1, "a positive integer")
-non_negative_int = int_at_least(0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def choice_list(choices: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type: a comma-separated list drawn from ``choices``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(v.strip() for v in text.split(",") if v.strip())
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, bad)) or '(none)'}; choose from {', '.join(choices)}")
-        return values
-
-    return parse
-
+from shared import bench, catalogue, checkpoint, compare, data, registry, sample, site, styles, train
+from shared.args import Parser, choice_list, non_negative_int, positive_float, positive_int
+from shared.data import add_data_args
+from shared.errors import ZooError
+from shared.registry import MODELS, NAMES, STYLES
 
 style_list = choice_list(STYLES, "style")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits (embedded, offline), mnist or fashion_mnist (default: digits)")
-    p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", help="folder holding the original MNIST/Fashion-MNIST .gz files, for offline use")
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", choices=MODELS, help="which model")
-    p.add_argument("--hidden-sizes", type=lambda s: tuple(positive_int(x) for x in s.split(",")),
-                   help="MLP hidden layer sizes, comma separated (default: 128,128)")
-    p.add_argument("--latents", type=positive_int, help="VAE latent size (default: 20)")
-    p.add_argument("--hidden", type=positive_int, help="VAE hidden width (default: 500)")
+    p.add_argument("model", choices=NAMES, help="which model")
+    for name, (hparam, models) in registry.hparam_flags().items():
+        defaults = "; ".join(f"{m}: {_show_default(MODELS[m].defaults[name])}" for m in models)
+        p.add_argument(hparam.flag, dest=name, type=hparam.parse,
+                       help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
+
+
+def _show_default(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=positive_int, help="epochs (default: per model, 20 or 30)")
+    p.add_argument("--epochs", type=positive_int, help="epochs (default: per model, "
+                   + ", ".join(f"{m} {spec.epochs}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seeds parameters, batch order and noise (default: 0)")
@@ -178,51 +122,36 @@ def build_parser() -> Parser:
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start every style from these trained parameters (a checkpoint of any style)")
 
-    for register in _extensions():
-        register(sub)
+    for module in (sample, bench, site, catalogue):  # subcommands defined next to the code they drive
+        module.register(sub)
     return parser
 
 
-def _extensions():
-    """Subcommands defined next to the code they drive."""
-    import importlib
-
-    for name in ("shared.sample", "shared.bench", "shared.site", "shared.catalogue"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name == name:
-                continue
-            raise
-        yield module.register
-
-
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
-    hparams = {}
-    if args.hidden_sizes:
-        hparams["hidden_sizes"] = args.hidden_sizes
-    if args.latents:
-        hparams["latents"] = args.latents
-    if args.hidden:
-        hparams["hidden"] = args.hidden
-    return hparams
+    """The hyperparameters given on the command line for ``args.model`` (the rest take defaults)."""
+    spec = MODELS[args.model]
+    given = {h.name: getattr(args, h.name) for h in spec.hparams if getattr(args, h.name, None) is not None}
+    others = [registry.hparam_flags()[name][0].flag for name in registry.hparam_flags()
+              if name not in spec.defaults and getattr(args, name, None) is not None]
+    if others:
+        raise ZooError(f"{args.model} does not take {', '.join(others)}; its hyperparameters are "
+                       f"{', '.join(h.flag for h in spec.hparams) or 'none'}")
+    return given
 
 
 def config_from(args: argparse.Namespace):
-    from shared.train import TrainConfig
-
-    defaults = DEFAULTS[args.model]
-    return TrainConfig(
-        epochs=args.epochs or defaults["epochs"], batch_size=args.batch_size, lr=args.lr or defaults["lr"],
+    spec = MODELS[args.model]
+    return train.TrainConfig(
+        epochs=args.epochs or spec.epochs, batch_size=args.batch_size, lr=args.lr or spec.lr,
         seed=args.seed, optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
         schedule=args.schedule, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, ema=args.ema,
         freeze=tuple(args.freeze), train_only=tuple(args.train_only), devices=args.devices)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    width = max(map(len, MODELS)) + 2
+    width = max(map(len, NAMES)) + 2
     print("model".ljust(width) + "  ".join(STYLES))
-    for model in MODELS:
+    for model in NAMES:
         cells = ["yes".ljust(len(s)) if (Path(__file__).parents[1] / "zoo" / s / f"{model}.py").exists()
                  else "-".ljust(len(s)) for s in STYLES]
         print(model.ljust(width) + "  ".join(cells))
@@ -236,9 +165,6 @@ RESUMED = ("epochs", "batch_size", "lr", "seed", "optimizer", "weight_decay", "m
 
 def resume_from_checkpoint(args: argparse.Namespace) -> None:
     """Fill the options the command line left out from the checkpoint being resumed."""
-    from shared import checkpoint
-    from shared.styles import ZooError
-
     directory, step = checkpoint.resolve(args.checkpoint_dir)
     meta = checkpoint.read_meta(directory, step)
     if meta["model"] != args.model:
@@ -258,10 +184,6 @@ def resume_from_checkpoint(args: argparse.Namespace) -> None:
 
 def start_distributed(args: argparse.Namespace) -> None:
     """Join the other processes before JAX touches a device: then jax.devices() lists them all."""
-    import jax
-
-    from shared.styles import ZooError
-
     try:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except (ValueError, RuntimeError) as error:
@@ -271,11 +193,6 @@ def start_distributed(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import jax
-
-    from shared import checkpoint, data, styles, train
-    from shared.styles import ZooError
-
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
         start_distributed(args)
     if args.resume and not args.checkpoint_dir:
@@ -294,15 +211,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
     model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
                          precision=args.precision, **hparams_from(args))
-    init_params = checkpoint.read_params(args.init_from, model) if args.init_from else None
+    init_params, init_state, init_updates = (checkpoint.read_variables(args.init_from, model)
+                                             if args.init_from else (None, None, 0))
     out = Path(args.out or f"runs/{args.model}-{args.style}-{args.dataset}")
     if args.checkpoint_dir:
         result = checkpoint.train(model, dataset, config, args.checkpoint_dir, save_every=args.save_every,
                                   keep=args.keep or checkpoint.DEFAULT_KEEP, resume=args.resume,
-                                  init_params=init_params, out_dir=out, progress=not args.no_progress)
+                                  init_params=init_params, init_state=init_state, init_updates=init_updates,
+                                  out_dir=out, progress=not args.no_progress)
     else:
-        result = train.train(model, dataset, config, init_params=init_params, out_dir=out,
-                             progress=not args.no_progress)
+        result = train.train(model, dataset, config, init_params=init_params, init_state=init_state,
+                             out_dir=out, progress=not args.no_progress)
     saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir else []  # every process: Orbax syncs
     if jax.process_index() > 0:
         return 0  # on several hosts, process 0 writes the outputs and reports
@@ -311,10 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.model}/{args.style} on {args.dataset}: {summary}; "
           f"{result.step_ms:.2f} ms/step (median)")
     if model.kind == "vae":
-        from shared.sample import write_grid
-
         # Host copies: on several hosts a computation on the global arrays would need every process.
-        write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
+        sample.write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
         print(f"samples: {out / 'samples.png'}")
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
     if args.checkpoint_dir:
@@ -323,20 +240,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from shared import compare, data, styles, train
-
     config = config_from(args)
     config.validate()
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
-    init_canonical = None
+    init_canonical = init_state = None
     if args.init_from:
-        from shared import checkpoint
-
-        init_canonical = checkpoint.read_canonical_params(
+        init_canonical, init_state, _ = checkpoint.read_canonical(
             args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams_from(args))
     rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
                               progress=not args.no_progress, hparams=hparams_from(args),
-                              init_canonical=init_canonical)
+                              init_canonical=init_canonical, init_canonical_state=init_state)
     out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
     train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
                            "config": dataclasses.asdict(config), "rows": rows})
@@ -345,7 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model} on {args.dataset}, {config.epochs} epochs, batch {config.batch_size}, "
               f"same initial parameters and batches for every style")
-        print(compare.format_table(rows, styles.KINDS[args.model]))
+        print(compare.format_table(rows, MODELS[args.model].kind))
         print(f"wrote {out}")
     return 0
 
@@ -359,16 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    from shared.styles import ZooError
-    from shared.train import NonFiniteError
-
     handler = COMMANDS.get(args.command) or args.handler
     try:
         return handler(args)
     except ZooError as error:
         print(f"zoo: error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteError as error:
+    except train.NonFiniteError as error:
         print(f"zoo: training stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

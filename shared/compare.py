@@ -12,33 +12,42 @@ import jax
 
 from shared import data as data_lib
 from shared import styles as styles_lib
-from shared.convert import flatten_canonical
+from shared.layouts import flatten_canonical
 from shared.train import Result, TrainConfig, count_params, max_abs_diff, train, trainable_labels
-from zoo import STYLES
+from shared.registry import STYLES
 
 ROW_KEYS = ("style", "params", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
-            "max_param_diff")
+            "max_param_diff", "max_state_diff")
 
 
 def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             styles: tuple[str, ...] = STYLES, *, precision: str = "float32",
             progress: bool = True, hparams: dict | None = None,
-            init_canonical: dict | None = None) -> tuple[list[dict], dict[str, Result]]:
-    """Rows of the comparison (one per style) and each style's full result."""
+            init_canonical: dict | None = None,
+            init_canonical_state: dict | None = None) -> tuple[list[dict], dict[str, Result]]:
+    """Rows of the comparison (one per style) and each style's full result.
+
+    ``max_state_diff`` is the largest difference of the model state (BatchNorm's
+    running statistics) from the reference's, in the canonical layout; None
+    for a stateless model.
+    """
     hparams = hparams or {}
     config.validate()
     models = {style: styles_lib.build(model_name, style, in_shape=dataset.in_shape,
                                       num_classes=dataset.num_classes, precision=precision, **hparams)
               for style in dict.fromkeys(("jax", *styles))}
-    if init_canonical is None:
-        init_key, _ = jax.random.split(jax.random.key(config.seed))
-        init_canonical = models["jax"].init(init_key)
+    init_key, _ = jax.random.split(jax.random.key(config.seed))
+    start_params, start_state = models["jax"].init(init_key)
+    init_canonical = start_params if init_canonical is None else init_canonical
+    init_canonical_state = start_state if init_canonical_state is None else init_canonical_state
     results: dict[str, Result] = {}
     for style, model in models.items():
         results[style] = train(model, dataset, config, init_params=model.from_canonical(init_canonical),
+                               init_state=model.state_from_canonical(init_canonical_state, 0),
                                progress=progress)
     reference = results["jax"]
     reference_params = models["jax"].to_canonical(reference.params)
+    reference_state = models["jax"].state_to_canonical(reference.model_state)
     rows = []
     for style in styles:
         result = results[style]
@@ -52,6 +61,8 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "step_ms": result.step_ms,
             "step_ratio": result.step_ms / reference.step_ms,
             "max_param_diff": max_abs_diff(canonical, reference_params),
+            "max_state_diff": (max_abs_diff(models[style].state_to_canonical(result.model_state), reference_state)
+                               if jax.tree.leaves(reference_state) else None),
         }
         if config.freeze or config.train_only:
             # Largest change of any frozen parameter from the common start: 0.0 means untouched.
@@ -81,6 +92,8 @@ def format_table(rows: list[dict], kind: str) -> str:
         ("vs jax", lambda r: f"{r['step_ratio']:.2f}x"),
         ("max |param - jax|", lambda r: f"{r['max_param_diff']:.2e}"),
     ]
+    if rows and rows[0].get("max_state_diff") is not None:
+        columns.append(("max |state - jax|", lambda r: f"{r['max_state_diff']:.2e}"))
     if rows and "ema_test_loss" in rows[0]:
         columns.insert(4, ("EMA " + headline[0], lambda r: (
             f"{100 * r['ema_test_accuracy']:.2f}%" if kind == "classifier" else f"{r['ema_test_loss']:.3f}")))

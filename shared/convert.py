@@ -1,190 +1,18 @@
-"""Parameter conversion between every style and the canonical layout.
+"""Porting parameters and state between frameworks: the public API.
 
-The canonical layout is the plain-JAX reference's parameter dict: nested dicts
-named like the model attributes (``"conv1"``, ``"encoder"/"fc1"``), leaves
-called ``kernel`` and ``bias``, dense kernels ``(in, out)``, conv kernels HWIO,
-and a flattened feature map in HWC order.
-
-A :class:`Converter` is built from a style's parameter tree and holds one
-:class:`LeafRule` per leaf: where the leaf lives in the native tree, its
-canonical path, and the layout change between the two. The rules act leaf by
-leaf, so they convert anything shaped like the parameters (gradients, Adam
-moments, an EMA) as well as the parameters themselves, and they leave
-``optax.MaskedNode`` placeholders (frozen parameters) alone.
+Every conversion goes through the canonical layout (the plain-JAX reference's
+trees), leaf by leaf; the rules themselves live in :mod:`shared.layouts` and in
+each style's adapter (:mod:`shared.styles`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from shared import styles
+from shared.layouts import Canonical, Converter, Layout, chw_rows_to_hwc, flatten_canonical  # noqa: F401
 
 PyTree = Any
-Canonical = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """An exact, invertible change of array layout (a permutation of elements)."""
-
-    note: str
-    forward: Callable[[jax.Array], jax.Array]
-    backward: Callable[[jax.Array], jax.Array]
-
-    def then(self, other: "Layout") -> "Layout":
-        if self is IDENTITY:
-            return other
-        if other is IDENTITY:
-            return self
-        return Layout(f"{self.note}, then {other.note}",
-                      lambda x: other.forward(self.forward(x)),
-                      lambda x: self.backward(other.backward(x)))
-
-
-IDENTITY = Layout("same layout", lambda x: x, lambda x: x)
-TRANSPOSE = Layout("transpose (out, in) -> (in, out)", lambda x: x.T, lambda x: x.T)
-OIHW_TO_HWIO = Layout("kernel OIHW -> HWIO",
-                      lambda x: jnp.transpose(x, (2, 3, 1, 0)),
-                      lambda x: jnp.transpose(x, (3, 2, 0, 1)))
-CONV_BIAS = Layout("bias (out, 1, 1) -> (out,)",
-                   lambda x: x.reshape(x.shape[0]),
-                   lambda x: x.reshape((x.shape[0], 1, 1)))
-
-
-def chw_rows_to_hwc(height: int, width: int, channels: int) -> Layout:
-    """Reorder the rows of an ``(in, out)`` kernel fed by a flattened feature map.
-
-    Flattening a ``C x H x W`` map gives the features in a different order from
-    flattening ``H x W x C``, so the first dense layer after the convolutions
-    must have its rows permuted, not just its matrix transposed.
-    """
-    perm = np.arange(channels * height * width).reshape(channels, height, width)
-    perm = perm.transpose(1, 2, 0).ravel()  # canonical row r comes from CHW row perm[r]
-    inverse = np.argsort(perm)
-    return Layout(f"rows CHW -> HWC for a {height}x{width}x{channels} feature map",
-                  lambda x: x[perm], lambda x: x[inverse])
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafRule:
-    native: str  # the leaf's path in the native tree, as jax.tree_util.keystr prints it
-    canonical: str  # "/"-joined path in the canonical dict
-    layout: Layout
-
-
-def _key_name(entry: Any) -> str | int:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return getattr(entry, attr)
-    raise TypeError(f"unexpected key path entry {entry!r}")
-
-
-def canonical_name(style: str, path: tuple) -> str:
-    """The canonical path of a native leaf, from its key path in the native tree."""
-    names = [_key_name(entry) for entry in path]
-    if style == "flax" and names and names[0] == "params":
-        names = names[1:]
-    if style == "nnx" and names and names[-1] == "value":
-        names = names[:-1]  # an nnx.Variable's array sits under .value
-    if style == "haiku":
-        # {"vae/~/encoder/~/fc1": {"w": ...}}: drop the root module and the "~" separators.
-        module, leaf = names
-        names = [part for part in module.split("/")[1:] if part != "~"] + [leaf]
-    parts: list[str] = []
-    for name in names:
-        if isinstance(name, int):  # a list of layers: layers[0] -> layers_0, as Linen names it
-            parts[-1] = f"{parts[-1]}_{name}"
-        else:
-            parts.append({"w": "kernel", "b": "bias", "weight": "kernel"}.get(name, name))
-    return "/".join(parts)
-
-
-def style_layout(style: str, canonical: str, shape: tuple[int, ...]) -> Layout:
-    """The layout change a style's conventions impose on one leaf."""
-    if style != "equinox":
-        return IDENTITY
-    leaf = canonical.rsplit("/", 1)[-1]
-    if leaf == "kernel" and len(shape) == 2:
-        return TRANSPOSE
-    if leaf == "kernel" and len(shape) == 4:
-        return OIHW_TO_HWIO
-    if leaf == "bias" and len(shape) == 3:
-        return CONV_BIAS
-    return IDENTITY
-
-
-class Converter:
-    """Maps one style's parameter tree to the canonical dict and back, exactly."""
-
-    def __init__(self, style: str, template: PyTree, extra: Mapping[str, Layout] | None = None):
-        self.style = style
-        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(template)
-        extra = dict(extra or {})
-        self.rules: list[LeafRule] = []
-        for path, leaf in leaves:
-            name = canonical_name(style, path)
-            layout = style_layout(style, name, tuple(np.shape(leaf)))
-            if name in extra:
-                layout = layout.then(extra.pop(name))
-            self.rules.append(LeafRule(jax.tree_util.keystr(path), name, layout))
-        names = [rule.canonical for rule in self.rules]
-        duplicates = {n for n in names if names.count(n) > 1}
-        if duplicates:
-            raise ValueError(f"{style}: several leaves map to {sorted(duplicates)}")
-        if extra:
-            raise ValueError(f"{style}: layout rules for unknown leaves {sorted(extra)}")
-
-    def to_canonical(self, tree: PyTree) -> Canonical:
-        out: Canonical = {}
-        for rule, leaf in zip(self.rules, self.treedef.flatten_up_to(tree)):
-            value = leaf if _is_placeholder(leaf) else rule.layout.forward(leaf)
-            _set(out, rule.canonical, value)
-        return out
-
-    def from_canonical(self, canonical: Canonical) -> PyTree:
-        leaves = []
-        for rule in self.rules:
-            value = _get(canonical, rule.canonical)
-            leaves.append(value if _is_placeholder(value) else rule.layout.backward(value))
-        return self.treedef.unflatten(leaves)
-
-    def canonical_paths(self) -> list[str]:
-        return [rule.canonical for rule in self.rules]
-
-
-def _is_placeholder(leaf: Any) -> bool:
-    return leaf is None or type(leaf).__name__ == "MaskedNode"
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, last = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
-def _get(tree: Mapping, path: str) -> Any:
-    for part in path.split("/"):
-        if not isinstance(tree, Mapping) or part not in tree:
-            raise KeyError(f"canonical parameters have no {path!r}")
-        tree = tree[part]
-    return tree
-
-
-def flatten_canonical(tree: Canonical, prefix: str = "") -> dict[str, Any]:
-    """``{"conv1/kernel": array, ...}`` for a canonical dict."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_canonical(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
 
 
 def convert(params: PyTree, model: str, src_style: str, dst_style: str, *,
@@ -197,8 +25,19 @@ def convert(params: PyTree, model: str, src_style: str, dst_style: str, *,
     the plain-JAX dict). The result is the destination style's tree, ready for
     its ``apply`` (or for ``eqx.combine`` / ``nnx.merge``).
     """
-    from shared import styles
-
     src = styles.build(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
     dst = styles.build(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
     return dst.from_canonical(src.to_canonical(params))
+
+
+def convert_state(state: PyTree, model: str, src_style: str, dst_style: str, *, updates: int,
+                  in_shape: tuple[int, int, int], num_classes: int = 10, **hparams: Any) -> PyTree:
+    """Convert a model's state (BatchNorm's running statistics) from one style to another.
+
+    ``updates`` is how many training steps the statistics have seen: Haiku and
+    Equinox keep that count to debias their averages, the canonical state (like
+    Linen's ``batch_stats``) does not.
+    """
+    src = styles.build(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    dst = styles.build(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    return dst.state_from_canonical(src.state_to_canonical(state), updates)

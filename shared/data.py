@@ -19,6 +19,7 @@ pipeline, which keeps the loader far faster than any train step here.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -32,7 +33,18 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from shared import mnist
+from shared.errors import ZooError, check_choice
+
 DATASETS = ("digits", "mnist", "fashion_mnist")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The dataset options every subcommand that reads data takes."""
+    p.add_argument("--dataset", default="digits", choices=DATASETS,
+                   help="digits (embedded, offline), mnist or fashion_mnist (default: digits)")
+    p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", help="folder holding the original MNIST/Fashion-MNIST .gz files, for offline use")
 
 
 class ZooDigits(tfds.core.GeneratorBasedBuilder):
@@ -95,11 +107,7 @@ def default_data_dir() -> Path:
 
 
 def _builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
-    if name == "digits":
-        return ZooDigits
-    from shared import mnist
-
-    return {"mnist": mnist.ZooMnist, "fashion_mnist": mnist.ZooFashionMnist}[name]
+    return {"digits": ZooDigits, "mnist": mnist.ZooMnist, "fashion_mnist": mnist.ZooFashionMnist}[name]
 
 
 @contextlib.contextmanager
@@ -117,8 +125,6 @@ def _lock(path: Path) -> Iterator[None]:
 def prepare(name: str, data_dir: str | os.PathLike | None = None,
             manual_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
     """Build ``name`` into the data dir unless it is there already; return its builder."""
-    from shared.styles import ZooError, check_choice
-
     check_choice("dataset", name, DATASETS)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     cls = _builder_class(name)
@@ -171,8 +177,6 @@ def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> grain
     batch of 128, slower than every train step here; ``zoo bench`` measures it.)
     """
     if batch_size > len(split):
-        from shared.styles import ZooError
-
         raise ZooError(f"batch size {batch_size} is larger than the {len(split)} training examples")
     order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(len(split))
 

@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from shared.errors import ZooError
+
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
 TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
@@ -85,12 +87,6 @@ PROBE_TIMEOUT_S = 3.0
 _IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data, 3 or 1 dims
 
 
-def _zoo_error(message: str) -> Exception:
-    from shared.styles import ZooError  # lazy: shared.styles imports jax and zoo
-
-    return ZooError(message)
-
-
 def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds."""
     parts = urllib.parse.urlsplit(url)
@@ -124,7 +120,7 @@ def verify_checksum(dataset: str, filename: str, path: Path) -> None:
         for other_file, checksum in table.items():
             if tuple(checksum) == actual and (other, other_file) != (dataset, filename):
                 hint = f" (it is {other}'s {other_file})"
-    raise _zoo_error(
+    raise ZooError(
         f"{path} does not match the published checksum of {dataset} {filename}{hint}: "
         f"expected {expected[0]} bytes, sha256 {expected[1]}; got {actual[0]} bytes, "
         f"sha256 {actual[1]}. Delete or replace that file with the original and run again.")
@@ -142,24 +138,24 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
         with gzip.open(path, "rb") as handle:
             data = handle.read()
     except (OSError, EOFError, zlib.error) as error:
-        raise _zoo_error(f"{path} is not a readable gzip file ({error}); "
+        raise ZooError(f"{path} is not a readable gzip file ({error}); "
                          "replace it with the original IDX file") from None
     ndim = 3 if kind == "images" else 1
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise _zoo_error(f"{path} is too short ({len(data)} bytes) to be an IDX {kind} file; "
+        raise ZooError(f"{path} is too short ({len(data)} bytes) to be an IDX {kind} file; "
                          "replace it with the original")
     magic = int.from_bytes(data[:4], "big")
     if magic != _IDX_MAGIC[kind]:
-        raise _zoo_error(f"{path} has IDX magic number {magic:#010x}, expected "
+        raise ZooError(f"{path} has IDX magic number {magic:#010x}, expected "
                          f"{_IDX_MAGIC[kind]:#010x} for {kind}; replace it with the original file")
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     if kind == "images" and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise _zoo_error(f"{path} holds {dims[1]}x{dims[2]} images, expected "
+        raise ZooError(f"{path} holds {dims[1]}x{dims[2]} images, expected "
                          f"{IMAGE_SIZE}x{IMAGE_SIZE}; replace it with the original file")
     expected = int(np.prod(dims))
     if len(data) - header != expected:
-        raise _zoo_error(f"{path} has {len(data) - header} data bytes but its header "
+        raise ZooError(f"{path} has {len(data) - header} data bytes but its header "
                          f"{dims} needs {expected}; the file is truncated or corrupt, "
                          "replace it with the original")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
@@ -170,10 +166,10 @@ def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
     images = read_idx(images_path, "images")
     labels = read_idx(labels_path, "labels")
     if len(images) != len(labels):
-        raise _zoo_error(f"{images_path} holds {len(images)} images but {labels_path} holds "
+        raise ZooError(f"{images_path} holds {len(images)} images but {labels_path} holds "
                          f"{len(labels)} labels; replace them with the original files")
     if len(labels) and labels.max() >= NUM_CLASSES:
-        raise _zoo_error(f"{labels_path} has label {labels.max()}, expected 0..{NUM_CLASSES - 1}; "
+        raise ZooError(f"{labels_path} has label {labels.max()}, expected 0..{NUM_CLASSES - 1}; "
                          "replace it with the original file")
     return images[..., None], labels
 
@@ -237,12 +233,12 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                  "(or pass another folder with --manual-dir)")
         base = URLS[self.DATASET]
         if not _reachable(base):
-            raise _zoo_error(f"cannot reach {urllib.parse.urlsplit(base).hostname} to download "
+            raise ZooError(f"cannot reach {urllib.parse.urlsplit(base).hostname} to download "
                              f"{self.DATASET}; {where}.")
         try:
             downloaded = dl_manager.download({filename: base + filename for filename in FILES})
         except Exception as error:  # noqa: BLE001 - every download failure means the same to the user
-            raise _zoo_error(f"downloading {self.DATASET} from {base} failed ({error}); "
+            raise ZooError(f"downloading {self.DATASET} from {base} failed ({error}); "
                              f"{where}.") from None
         return {filename: Path(path) for filename, path in downloaded.items()}
 

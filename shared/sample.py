@@ -9,9 +9,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from PIL import Image
+
+from shared import checkpoint
+from shared.errors import ZooError
 from shared.files import atomic_path
-from shared.styles import Model, ZooError
-from zoo import STYLES
+from shared.registry import MODELS, STYLES
+from shared.styles import Model
 
 
 def sample_images(model: Model, params: Any, per_class: int = 10, seed: int = 0) -> np.ndarray:
@@ -28,8 +32,6 @@ def sample_images(model: Model, params: Any, per_class: int = 10, seed: int = 0)
 def write_grid(model: Model, params: Any, path: str | Path, per_class: int = 10, seed: int = 0,
                cell: int = 28) -> Path:
     """Write the grid as a PNG (atomically); each image is upscaled to ``cell`` pixels."""
-    from PIL import Image
-
     images = sample_images(model, params, per_class, seed)
     rows, cols, height, width, _ = images.shape
     scale = max(1, cell // height)
@@ -48,7 +50,7 @@ def write_grid(model: Model, params: Any, path: str | Path, per_class: int = 10,
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="write a PNG grid of VAE samples, one row per class")
-    p.add_argument("model", choices=("vae",))
+    p.add_argument("model", choices=[name for name, spec in MODELS.items() if spec.kind == "vae"])
     p.add_argument("--style", required=True, choices=STYLES,
                    help="the style to sample with (any style can read any checkpoint)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by zoo train --checkpoint-dir")
@@ -59,9 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared import checkpoint
-
-    model, params = checkpoint.load_params(args.checkpoint, args.style, expect_model=args.model)
+    model, params, _ = checkpoint.load_variables(args.checkpoint, args.style, expect_model=args.model)
     if args.per_class < 1:
         raise ZooError(f"--per-class must be a positive integer, got {args.per_class}")
     path = write_grid(model, params, args.out, args.per_class, args.seed)

@@ -19,6 +19,7 @@ import argparse
 import ast
 import dataclasses
 import datetime
+import importlib
 import inspect
 import json
 import math
@@ -30,21 +31,30 @@ from typing import Any
 
 import numpy as np
 
+import equinox as eqx
+import flax.linen as linen
+import haiku as hk
+import jax
+import jinja2
+import pygments
+from flax import nnx
+from markupsafe import Markup, escape
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import PythonLexer
+
 from shared import catalogue
+from shared import styles as styles_lib
+from shared.args import choice_list
 from shared.catalogue import ALIGN_ORDER, ANCHOR, REFERENCE, TITLES
+from shared.errors import ZooError
 from shared.files import write_text
-from zoo import MODELS, STYLES
+from shared.layouts import flatten_canonical
+from shared.registry import LAYOUT_EXAMPLE, MODELS, NAMES, STYLES
 
 IN_SHAPE = (28, 28, 1)  # parameter tables are shown for MNIST-sized inputs
 # Distinct header colours per style; the browser test finds each of them in the screenshot.
 COLOURS = {"jax": "#3b5bdb", "flax": "#2b8a3e", "nnx": "#0b7285", "haiku": "#c92a2a", "equinox": "#862e9c"}
-DESCRIPTIONS = {
-    "mlp": "Flatten, then Dense → ReLU per hidden size (default 128, 128), then Dense logits.",
-    "cnn": "The CNN of Flax's MNIST example: conv 32 → ReLU → avg pool → conv 64 → ReLU → avg pool "
-           "→ dense 256 → ReLU → dense 10, for any input size.",
-    "vae": "A class-conditional VAE (encoder and decoder see the one-hot label), 20 latents and 500 "
-           "hidden units as in Flax's VAE example; loss = negative ELBO.",
-}
+DESCRIPTIONS = {name: spec.description for name, spec in MODELS.items()}
 
 
 # --------------------------------------------------------------------------- initialisers
@@ -125,6 +135,9 @@ class StyleParams:
     leaves: list[Leaf]
     measured: dict[str, Measured]  # "kernel"/"bias" -> pooled measurement
     total: int
+    # The model state as the framework holds it: (native path, shape, dtype); and its canonical paths.
+    state: list[tuple[str, tuple[int, ...], str]] = dataclasses.field(default_factory=list)
+    state_canonical: tuple[str, ...] = ()
 
 
 def _fresh_inits(nets: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict[str, np.ndarray]]:
@@ -134,12 +147,8 @@ def _fresh_inits(nets: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict
     random initialisers is what costs here (seconds each at the default level,
     and hundreds of small compilations if run eagerly), not running them.
     """
-    import jax
-
-    from shared.convert import flatten_canonical
-
     def inits(key):
-        return {f"{m}/{s}": flatten_canonical(net.to_canonical(net.init(key))) for (m, s), net in nets.items()}
+        return {f"{m}/{s}": flatten_canonical(net.to_canonical(net.init_params(key))) for (m, s), net in nets.items()}
 
     key = jax.random.key(0)
     lowered = jax.jit(inits).lower(key)
@@ -158,36 +167,40 @@ def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
     """Each style's parameter tree, its canonical mapping and (``measure``) its
     default initialiser, all from the code: ``jax.eval_shape`` of ``init``, the
     converter's rules, and a fresh ``init``."""
-    import jax
-
-    from shared import styles as styles_lib
-    from shared.convert import flatten_canonical
-
     nets = {(m, s): styles_lib.build(m, s, in_shape=in_shape) for m in models for s in styles}
     values = _fresh_inits(nets) if measure else {}
     out = {}
     for (m, s), net in nets.items():
-        template = jax.eval_shape(net.init, jax.random.key(0))
+        template = jax.eval_shape(net.init_params, jax.random.key(0))
         canonical_shapes = {k: tuple(v.shape) for k, v in
                             flatten_canonical(jax.eval_shape(net.to_canonical, template)).items()}
         leaves, pooled = [], {}
         for rule, leaf in zip(net.converter.rules, jax.tree.leaves(template)):
             parent, _, kind = rule.canonical.rpartition("/")
-            spread = None
-            if measure:
-                fan_in = _fan_in(canonical_shapes[f"{parent}/kernel" if parent else "kernel"])
-                scaled = values[m, s][rule.canonical].ravel() * math.sqrt(fan_in)
+            spread, constant = None, None
+            kernel = f"{parent}/kernel" if parent else "kernel"
+            if measure and kernel in canonical_shapes:  # a layer's weights: scaled by its fan-in
+                scaled = values[m, s][rule.canonical].ravel() * math.sqrt(_fan_in(canonical_shapes[kernel]))
                 pooled.setdefault(kind, []).append(scaled)
                 spread = float(scaled.std())
+            elif measure:  # a normalisation's scale or offset: a constant
+                drawn = values[m, s][rule.canonical].ravel()
+                constant = f"constant {drawn[0]:g}" if np.all(drawn == drawn[0]) else "varies"
             leaves.append(Leaf(rule.native, tuple(leaf.shape), str(leaf.dtype), rule.canonical,
                                canonical_shapes[rule.canonical], rule.layout.note, kind, spread))
+            leaves[-1].init = constant
         measured = {}
         for kind, parts in pooled.items():
             both = np.concatenate(parts)
             measured[kind] = Measured(float(both.std()), float(np.abs(both).max()), both.size)
         for leaf in leaves:
-            leaf.init = measured[leaf.kind].label if leaf.kind in measured else ""
-        out[m, s] = StyleParams(s, leaves, measured, sum(math.prod(leaf.shape) for leaf in leaves))
+            if leaf.init is None:
+                leaf.init = measured[leaf.kind].label if leaf.kind in measured else ""
+        state = jax.eval_shape(lambda k: net.init(k)[1], jax.random.key(0))
+        state_leaves = [(jax.tree_util.keystr(path), tuple(leaf.shape), str(leaf.dtype))
+                        for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
+        out[m, s] = StyleParams(s, leaves, measured, sum(math.prod(leaf.shape) for leaf in leaves),
+                                state_leaves, net.state_converter.paths)
     return out
 
 
@@ -237,17 +250,7 @@ def differences(measured: dict[str, dict[str, Measured]],
     """The rows of the porting table: initialisers from ``measured`` (see :func:`pool`),
     layouts from the CNN's parameter trees (``layouts``, per style; built here at
     :data:`IN_SHAPE` when not given), defaults from the frameworks' signatures."""
-    import importlib
-
-    import equinox as eqx
-    import flax.linen as linen
-    import haiku as hk
-    import jax
-    from flax import nnx
-
-    from shared import styles
-
-    params = layouts or {s: p for (_, s), p in parameter_trees(["cnn"], measure=False).items()}
+    params = layouts or {s: p for (_, s), p in parameter_trees([LAYOUT_EXAMPLE], measure=False).items()}
     rules = {s: {l.canonical: l for l in p.leaves} for s, p in params.items()}
 
     def init_cell(style: str, kind: str) -> str:
@@ -267,9 +270,10 @@ def differences(measured: dict[str, dict[str, Measured]],
         return f"`({shape})`: {leaf.layout}"
 
     def inputs_cell(style: str) -> str:
-        module = importlib.import_module(f"zoo.{style}.cnn")
-        entry = module.init if style == "jax" else getattr(module, styles.CLASS_NAMES["cnn"])
-        given = _takes(entry, styles.INFERRED)
+        spec = MODELS[LAYOUT_EXAMPLE]
+        module = importlib.import_module(f"zoo.{style}.{spec.name}")
+        entry = module.init if style == "jax" else getattr(module, spec.class_name)
+        given = _takes(entry, set(spec.inferred))
         if given:
             return f"given up front: `{given[0]}`"
         return "inferred from an example batch at `init`"
@@ -299,28 +303,30 @@ def differences(measured: dict[str, dict[str, Measured]],
                     "zoo/test_parity.py::test_round_trip_is_exact")),
         Difference("Conv kernels", {s: layout_cell(s, "conv1/kernel", "HWIO") for s in STYLES},
                    ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",
-                    "zoo/test_parity.py::test_forward_matches_reference")),
+                    "zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference")),
         Difference("Conv biases", {s: layout_cell(s, "conv1/bias", "(out,)") for s in STYLES},
                    ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",)),
         Difference("Images", {s: ("one `CHW` image: `jax.vmap` over the batch" if s == "equinox"
                                   else "`NHWC` batches") for s in STYLES},
-                   ("zoo/test_parity.py::test_forward_matches_reference",)),
+                   ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
         Difference("First dense layer after a flatten",
                    {s: layout_cell(s, "dense1/kernel", "rows in HWC order") for s in STYLES},
                    ("tests/test_convert.py::test_a_wrong_flatten_permutation_is_caught",)),
         Difference("Input sizes", {s: inputs_cell(s) for s in STYLES},
-                   ("zoo/test_parity.py::test_parameter_tree_maps_one_to_one",)),
-        Difference("Conv padding default", padding, ("zoo/test_parity.py::test_forward_matches_reference",)),
-        Difference("Pooling padding default", pooling, ("zoo/test_parity.py::test_forward_matches_reference",)),
+                   ("zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one",)),
+        Difference("Conv padding default", padding, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
+        Difference("Pooling padding default", pooling, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
         Difference("Randomness", {
-            "jax": "a key argument: `apply(params, x, labels, key)`",
+            "jax": "a key argument: `apply(params, x, labels, key)`, split into one key per example",
             "flax": "a key argument (`z_rng`); `self.make_rng` would fold in the module path and "
                     "draw different noise",
             "nnx": "an `nnx.Rngs` stream: `rngs.noise()` is `fold_in(key, n)` on the n-th call",
             "haiku": "`hk.next_rng_key()` draws from the sequence `apply(params, rng, ...)` builds: "
                      "never `rng` itself",
-            "equinox": "a `key=` keyword argument",
+            "equinox": "a `key=` keyword argument, one key per example under `jax.vmap`: the model "
+                       "sees one example, so the batch styles draw per example too, or the numbers differ",
         }, ("zoo/test_parity.py::test_vae_draws_the_same_noise",)),
+        *normalisation_rows(),
         Difference("Parameters and state", {
             "jax": f"a nested dict you build and pass: {example['jax']}",
             "flax": f"`init` returns `{{'params': ...}}`; the module holds none: {example['flax']}",
@@ -329,8 +335,86 @@ def differences(measured: dict[str, dict[str, Measured]],
                      f"{example['haiku']}",
             "equinox": f"the module is the pytree; `eqx.partition` splits out the arrays: "
                        f"{example['equinox']}",
-        }, ("zoo/test_parity.py::test_parameter_tree_maps_one_to_one",
+        }, ("zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one",
             "zoo/test_parity.py::test_round_trip_is_exact")),
+    ]
+
+
+def normalisation_rows() -> list[Difference]:
+    """BatchNorm and dropout: where state lives, how eval mode is chosen, how the key arrives."""
+    resnet = "zoo/test_resnet.py::"
+    return [
+        Difference("BatchNorm: initial running statistics", {
+            "jax": "mean 0, variance 1 (the canonical state)",
+            "flax": "`batch_stats`: mean 0, variance 1",
+            "nnx": "`nnx.BatchStat` variables: mean 0, variance 1",
+            "haiku": "two `ExponentialMovingAverage` states, `hidden` 0 for the mean *and* the variance, "
+                     "and a `counter`; canonical variance = `hidden + decay**counter`",
+            "equinox": "`mode=\"batch\"`: hidden mean 0, variance 1, and a counter",
+        }, (resnet + "test_running_statistics_start_at_mean_0_and_variance_1",
+            resnet + "test_haiku_running_averages_start_at_zero_with_a_counter",
+            "zoo/test_parity.py::test_state_round_trip")),
+        Difference("BatchNorm: decay and epsilon", {
+            "jax": "`momentum * old + (1 - momentum) * batch`; eps 1e-5",
+            "flax": f"`nn.BatchNorm`: {_default(linen.BatchNorm, 'momentum')}, "
+                    f"{_default(linen.BatchNorm, 'epsilon')}",
+            "nnx": f"`nnx.BatchNorm`: {_default(nnx.BatchNorm, 'momentum')}, {_default(nnx.BatchNorm, 'epsilon')}",
+            "haiku": f"`hk.BatchNorm`: `decay_rate` {_default(hk.BatchNorm, 'decay_rate')}, "
+                     f"{_default(hk.BatchNorm, 'eps')}",
+            "equinox": f"`eqx.nn.BatchNorm`: {_default(eqx.nn.BatchNorm, 'momentum')}, "
+                       f"{_default(eqx.nn.BatchNorm, 'eps')}; its default mode `\"ema\"` normalises "
+                       "training batches with the running averages: use `mode=\"batch\"`",
+        }, (resnet + "test_every_framework_is_configured_with_the_same_decay_and_epsilon",)),
+        Difference("BatchNorm: debiasing at eval", {
+            "jax": "none: the running statistics as they are",
+            "flax": "none", "nnx": "none",
+            "haiku": "divides by `1 - decay**t`: eval outputs differ by O(1) after one update, "
+                     "< 1e-4 once `decay**t` is negligible",
+            "equinox": "divides mean and variance by `1 - decay**t` (the variance having started at 1): "
+                       "the same gap, vanishing the same way",
+        }, (resnet + "test_debiased_eval_differs_then_vanishes",
+            resnet + "test_linen_and_nnx_eval_has_no_debiasing_gap",
+            "zoo/test_parity.py::test_eval_mode_forward_matches_reference")),
+        Difference("BatchNorm: batch variance", {
+            "jax": "`E[x²] - E[x]²`, clamped at 0 (Linen's order of operations)",
+            "flax": "`E[x²] - E[x]²` clamped at 0 (`use_fast_variance=True`)",
+            "nnx": "as Linen",
+            "haiku": "`E[x²] - E[x]²`, not clamped; gradients differ in the last bit (summation order)",
+            "equinox": "`E[(x - E[x])²]`, clamped: a two-pass variance, more FLOPs",
+        }, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",
+            "tests/test_bench.py::test_batchnorm_flops_are_explained_only_by_identical_linear_algebra")),
+        Difference("Where state lives", {
+            "jax": "a second dict you pass in and get back: `apply(params, state, ...) -> (out, state)`",
+            "flax": "the `batch_stats` collection: `apply(..., mutable=['batch_stats'])` returns it",
+            "nnx": "inside the module, updated in place; `nnx.split(model, nnx.Param, nnx.BatchStat)`",
+            "haiku": "`hk.transform_with_state`: `apply(params, state, rng, ...) -> (out, state)`",
+            "equinox": "an `eqx.nn.State` from `eqx.nn.make_with_state`, threaded through every call "
+                       "(and invalidated once used)",
+        }, ("zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one",
+            "tests/test_checkpoint.py::test_a_haiku_checkpoint_resumes_in_equinox_with_the_same_running_statistics")),
+        Difference("Eval mode", {
+            "jax": "a `train` argument",
+            "flax": "`use_running_average=not train` and `deterministic=not train`, passed at call time",
+            "nnx": "`model.eval()` / `model.train()`: static attributes, so one graphdef per mode",
+            "haiku": "an `is_training` argument",
+            "equinox": "`eqx.nn.inference_mode(model)`: a field, so one static part per mode",
+        }, (resnet + "test_eval_mode_is_selected_in_each_framework_s_own_way",)),
+        Difference("Dropout: how the key reaches the layer", {
+            "jax": "an argument, split into one key per example",
+            "flax": "an explicit `rng=` to `nn.Dropout`: `rngs={'dropout': key}` would go through "
+                    "`make_rng`, which folds in a hash of the module path",
+            "nnx": "`nnx.Rngs(dropout=key)` at call time, or the layer keeps an RNG stream in its state",
+            "haiku": "`hk.dropout(hk.next_rng_key(), rate, x)`: a function, not a module",
+            "equinox": "`key=`, one per example under `jax.vmap`",
+        }, ("zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key",
+            resnet + "test_linen_make_rng_would_draw_other_masks")),
+        Difference("Dropout: rate and the deterministic flag", {
+            "jax": "`rate`: the probability to drop",
+            "flax": f"`nn.Dropout(rate)`; {_default(linen.Dropout, 'deterministic')}, given at call time",
+            "nnx": "`nnx.Dropout(rate)`; `deterministic` set by `model.eval()`",
+            "haiku": "`hk.dropout(rng, rate, x)`; no flag: do not call it in eval",
+            "equinox": f"`eqx.nn.Dropout(p)`; {_default(eqx.nn.Dropout, 'inference')}",
+        }, ("zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key",)),
     ]
 
 
@@ -340,10 +424,6 @@ def differences(measured: dict[str, dict[str, Measured]],
 def code_view(model: str) -> dict[str, Any]:
     """The aligned, highlighted rows of every style's file, with the lines that
     differ from the reference and from the anchor's line on the same row marked."""
-    import pygments
-    from markupsafe import Markup
-    from pygments.formatters import HtmlFormatter
-
     sources = {s: catalogue.source_path(model, s).read_text() for s in STYLES}
     lines = {s: text.splitlines() for s, text in sources.items()}
     formatter = HtmlFormatter(nowrap=True)
@@ -441,7 +521,7 @@ def results(model: str, runs: Path, assets: Assets) -> dict[str, Any]:
 
 
 def repo_root() -> Path:
-    return catalogue.source_path(MODELS[0], STYLES[0]).parents[2]
+    return catalogue.source_path(NAMES[0], STYLES[0]).parents[2]
 
 
 def test_source(name: str) -> str | None:
@@ -468,9 +548,6 @@ def test_anchor(name: str) -> str:
 
 
 def _environment():
-    import jinja2
-    from markupsafe import Markup, escape
-
     env = jinja2.Environment(loader=jinja2.PackageLoader("shared", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
@@ -491,17 +568,12 @@ def _environment():
             return str(value)
 
     env.filters.update(ticks=ticks, number=number, anchor=test_anchor, shape=lambda s: f"({', '.join(map(str, s))})")
-    env.globals.update(TITLES=TITLES, COLOURS=COLOURS, STYLES=STYLES, MODELS=MODELS, ANCHOR=ANCHOR,
+    env.globals.update(TITLES=TITLES, COLOURS=COLOURS, STYLES=STYLES, MODELS=NAMES, ANCHOR=ANCHOR,
                        REFERENCE=REFERENCE, DESCRIPTIONS=DESCRIPTIONS)
     return env
 
 
 def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
-    import pygments
-    from markupsafe import Markup
-    from pygments.formatters import HtmlFormatter
-    from pygments.lexers import PythonLexer
-
     names = list(dict.fromkeys(t for row in rows for t in row.tests))
     cited = []
     for name in names:
@@ -513,12 +585,8 @@ def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
 
 
 
-def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = MODELS) -> list[Path]:
+def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = NAMES) -> list[Path]:
     """Write ``index.html``, one page per model, the CSS and the images; return the pages."""
-    from pygments.formatters import HtmlFormatter
-
-    from shared.styles import ZooError
-
     out, runs = Path(out), Path(runs)
     if out.exists() and not out.is_dir():
         raise ZooError(f"--out {out} is a file; give a folder for the site")
@@ -531,8 +599,8 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
            + HtmlFormatter(style="default").get_style_defs([".code td.src", "pre.hl"]))
     write_text(out / "site.css", css)
     trees = parameter_trees(models)
-    layouts = ({s: trees["cnn", s] for s in STYLES} if "cnn" in models
-               else {s: p for (_, s), p in parameter_trees(["cnn"], measure=False).items()})
+    layouts = ({s: trees[LAYOUT_EXAMPLE, s] for s in STYLES} if LAYOUT_EXAMPLE in models
+               else {s: p for (_, s), p in parameter_trees([LAYOUT_EXAMPLE], measure=False).items()})
     common = {"built": built, "runs": str(runs), "models": list(models)}
     pages = []
     for model in models:
@@ -550,15 +618,13 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared.cli import choice_list
-
     p = sub.add_parser("site", help="write the static HTML catalogue (every style side by side)",
                        description="Write a static HTML catalogue: one page per model with every style "
                                    "side by side, parameter trees, the porting differences and the latest "
                                    "results found under --runs. Open OUT/index.html in a browser.")
     p.add_argument("--out", default="site", help="output folder (default: site)")
     p.add_argument("--runs", default="runs", help="where zoo compare/bench/train wrote results (default: runs)")
-    p.add_argument("--models", type=choice_list(MODELS, "model"), default=MODELS, help="comma separated (default: all)")
+    p.add_argument("--models", type=choice_list(NAMES, "model"), default=NAMES, help="comma separated (default: all)")
     p.set_defaults(handler=run)
 
 

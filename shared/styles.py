@@ -1,53 +1,60 @@
 """One small functional interface over every style of every model.
 
 :func:`build` returns a :class:`Model`: pure ``init`` and ``apply`` functions
-over the style's own parameter tree, and a :class:`~shared.convert.Converter`
-to and from the canonical layout. The shared training loop, the parity tests
-and the benchmarks see every framework only through this interface.
+over the style's own trees, and converters to and from the canonical layout.
+The shared training loop, the parity tests and the benchmarks see every
+framework only through this interface.
 
-``apply(params, images, labels, key)`` takes NHWC float images, int labels and
-a PRNG key for every model; classifiers ignore the labels and the key and
-return logits, the VAE returns ``(logits, mean, logvar)``.
+The contract, the same for every model:
+
+- ``init(key) -> (params, state)``: the style's own parameter tree and its
+  state (BatchNorm's running statistics; ``{}`` for a stateless model).
+- ``apply(params, state, images, labels, key, train) -> (outputs, state)``:
+  NHWC float images, int labels, the step's PRNG key and a Python bool, the
+  train/eval mode. Classifiers return logits, the VAE ``(logits, mean,
+  logvar)``. The returned state is the updated one in training and the same
+  one in evaluation.
+
+Randomness: every style draws from ``rng_key(key)``, split into one key per
+example (``jax.random.split(rng_key(key), batch)``), each in its framework's
+idiom (an argument, an ``nnx.Rngs`` stream, ``hk.next_rng_key()``); per
+example because Equinox models act on one example under ``jax.vmap`` and
+that is the only convention in which they draw the same numbers as a
+framework that sees the whole batch.
 
 Each adapter uses the fastest correct pattern for its framework: plain
 functions under ``jax.jit`` for every style, with NNX models split into a
-static graph and a plain dict of their arrays (``nnx.split``,
-``nnx.to_pure_dict``, ``nnx.merge``) and Equinox
-models split into arrays and static parts (``eqx.partition``/``eqx.combine``),
-rather than ``nnx.jit`` or ``eqx.filter_jit``, whose Python-side dispatch costs
-time on every call (see ``zoo bench``).
+static graph and plain dicts of their arrays (``nnx.split``,
+``nnx.to_pure_dict``, ``nnx.merge``) and Equinox models split into arrays and
+static parts (``eqx.partition``/``eqx.combine``), rather than ``nnx.jit`` or
+``eqx.filter_jit``, whose Python-side dispatch costs time on every call (see
+``zoo bench``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
+import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
+from flax import nnx
 
-from shared.convert import Converter, Layout, chw_rows_to_hwc
-from zoo import MODELS, STYLES
+from shared.errors import ZooError, check_choice
+from shared.layouts import Canonical, Converter, _get, _set, canonical_name, flatten_canonical
+from shared.registry import STYLES, ModelSpec, get
 
 PRECISIONS = ("float32", "bfloat16")
-KINDS = {"mlp": "classifier", "cnn": "classifier", "vae": "vae"}
-CLASS_NAMES = {"mlp": "MLP", "cnn": "CNN", "vae": "VAE"}
-DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
-    "mlp": {"hidden_sizes": (128, 128)},
-    "cnn": {},
-    "vae": {"latents": 20, "hidden": 500},
-}
 
 
-class ZooError(ValueError):
-    """Bad input from a user: the message says what was wrong and how to fix it."""
-
-
-def noise_key(key: jax.Array) -> jax.Array:
-    """The key every style draws the VAE's noise with, for a step key ``key``.
+def rng_key(key: jax.Array) -> jax.Array:
+    """The key every style draws a model's randomness with, for a step key ``key``.
 
     ``nnx.Rngs(noise=key).noise()`` gives ``fold_in(key, 0)`` on its first
     call, so that is the convention; the other adapters hand the same key to
@@ -57,24 +64,46 @@ def noise_key(key: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-    """A model in one style, seen as pure functions of its native parameters."""
+class StateConverter:
+    """Maps one style's model state to the canonical dict and back.
 
-    name: str
+    ``from_canonical`` takes the number of training updates the statistics have
+    seen: Haiku and Equinox keep that count (to debias their running averages)
+    where the canonical state, like Linen's, does not.
+    """
+
+    to_canonical: Callable[[Any], Canonical]
+    from_canonical: Callable[[Canonical, Any], Any]
+    paths: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model in one style, seen as pure functions of its native trees."""
+
+    spec: ModelSpec
     style: str
     in_shape: tuple[int, int, int]
     num_classes: int
     precision: str
     hparams: dict[str, Any]
-    init: Callable[[jax.Array], Any]
-    apply: Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
+    init: Callable[[jax.Array], tuple[Any, Any]]
+    apply: Callable[[Any, Any, jax.Array, jax.Array, jax.Array, bool], tuple[Any, Any]]
     generate: Callable[[Any, jax.Array, jax.Array], jax.Array] | None
     converter: Converter
+    state_converter: StateConverter
     module: Any  # the framework's own object: a Linen/Haiku/NNX/Equinox module, or the jax module
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
     def kind(self) -> str:
-        return KINDS[self.name]
+        return self.spec.kind
+
+    def init_params(self, key: jax.Array) -> Any:
+        return self.init(key)[0]
 
     def to_canonical(self, tree: Any) -> dict[str, Any]:
         return self.converter.to_canonical(tree)
@@ -82,65 +111,44 @@ class Model:
     def from_canonical(self, tree: dict[str, Any]) -> Any:
         return self.converter.from_canonical(tree)
 
+    def state_to_canonical(self, state: Any) -> dict[str, Any]:
+        return self.state_converter.to_canonical(state)
 
-def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ZooError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
-
-
-def model_kwargs(name: str, in_shape: tuple[int, int, int], num_classes: int,
-                 hparams: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments, in the order the model files declare them."""
-    if name == "mlp":
-        return {"in_features": math.prod(in_shape), "hidden_sizes": tuple(hparams["hidden_sizes"]),
-                "num_classes": num_classes}
-    if name == "cnn":
-        return {"in_shape": tuple(in_shape), "num_classes": num_classes}
-    return {"num_pixels": math.prod(in_shape), "num_classes": num_classes,
-            "latents": hparams["latents"], "hidden": hparams["hidden"]}
-
-
-# Linen and Haiku infer input sizes on the first call, so their constructors lack these.
-INFERRED = {"in_features", "in_shape"}
+    def state_from_canonical(self, canonical: dict[str, Any], updates: Any = 0) -> Any:
+        return self.state_converter.from_canonical(canonical, updates)
 
 
 def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes: int = 10,
           precision: str = "float32", **hparams: Any) -> Model:
     """The model ``name`` written in ``style``, for images of shape ``in_shape`` (H, W, C)."""
-    check_choice("model", name, MODELS)
+    spec = get(name)
     check_choice("style", style, STYLES)
     check_choice("precision", precision, PRECISIONS)
     in_shape = tuple(int(d) for d in in_shape)
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise ZooError(f"in_shape must be (height, width, channels), got {in_shape}")
-    unknown = set(hparams) - set(DEFAULT_HPARAMS[name])
-    if unknown:
-        raise ZooError(f"{name} has no hyperparameter {sorted(unknown)}; "
-                       f"it takes {sorted(DEFAULT_HPARAMS[name]) or 'none'}")
-    hparams = {**DEFAULT_HPARAMS[name], **hparams}
-    kwargs = model_kwargs(name, in_shape, num_classes, hparams)
+    hparams = spec.resolve(hparams)
+    kwargs = spec.kwargs(in_shape, num_classes, hparams)
     module = importlib.import_module(f"zoo.{style}.{name}")
     compute = jnp.bfloat16 if precision == "bfloat16" else None
-    parts = _BUILDERS[style](name, module, kwargs, compute, in_shape)
-    init, apply, generate, native = parts
+    init, apply, generate, native, state_converter = _BUILDERS[style](spec, module, kwargs, hparams, compute, in_shape)
     apply = _checked(apply, name, style, in_shape)
-    template = jax.eval_shape(init, jax.random.key(0))
-    extra: dict[str, Layout] = {}
-    if style == "equinox" and name == "cnn":
-        height, width, _ = in_shape
-        extra["dense1/kernel"] = chw_rows_to_hwc(height // 4, width // 4, 64)
-    converter = Converter(style, template, extra)
-    return Model(name, style, in_shape, num_classes, precision, hparams, init, apply,
-                 generate, converter, native)
+    template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
+    extra = spec.equinox_layouts(in_shape, hparams) if style == "equinox" and spec.equinox_layouts else {}
+    if state_converter is None:
+        state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
+        state_converter = _named_state(Converter(style, state_template))
+    return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
+                 Converter(style, template, extra), state_converter, native)
 
 
 def _checked(apply: Callable, name: str, style: str, in_shape: tuple[int, ...]) -> Callable:
-    def checked_apply(params, images, labels, key):
+    def checked_apply(params, state, images, labels, key, train):
         if tuple(images.shape[1:]) != in_shape:
             raise ZooError(f"{name} ({style}) was built for images of shape {in_shape}, "
                            f"got a batch of shape {tuple(images.shape)}; build it with "
                            f"in_shape={tuple(images.shape[1:])}")
-        return apply(params, images, labels, key)
+        return apply(params, state, images, labels, key, train)
     return checked_apply
 
 
@@ -154,81 +162,203 @@ def _to_float32(out: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
 
-def _build_jax(name, module, kwargs, compute, in_shape):
+def _split_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments that the function ``fn`` takes."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _dummy_inputs(in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """An example batch for Linen and Haiku, which infer shapes on the first call."""
+    return jnp.zeros((1, *in_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+
+
+# --------------------------------------------------------------------------- state converters
+
+
+def _named_state(converter: Converter) -> StateConverter:
+    """State whose leaves are named like the canonical ones (plain JAX, Linen, NNX)."""
+    return StateConverter(converter.to_canonical, lambda canonical, updates: converter.from_canonical(canonical),
+                          tuple(converter.canonical_paths()))
+
+
+def _debias(hidden: jax.Array, decay: float, count: Any) -> jax.Array:
+    """A zero-debiased moving average, ``hidden / (1 - decay**count)`` (0 before the first update)."""
+    scale = 1 - jnp.asarray(decay, hidden.dtype) ** count
+    return jnp.where(count > 0, hidden / jnp.where(count > 0, scale, 1), jnp.zeros_like(hidden))
+
+
+def _haiku_state(spec: ModelSpec, template: Any, hparams: dict[str, Any]) -> StateConverter:
+    """Haiku's BatchNorm keeps two ``ExponentialMovingAverage`` states per layer.
+
+    Each holds ``hidden`` (the running average started from zero), ``counter``
+    and ``average`` (``hidden`` debiased by ``1 - decay**counter``). The
+    canonical running mean starts at 0 too, so it is ``hidden`` exactly; the
+    canonical running variance starts at 1, so it is ``hidden + decay**counter``
+    (one rounding). ``counter`` is the number of updates and ``average``
+    follows from the other two.
+    """
+    decay = spec.ema_decay(hparams)
+    names = Converter("haiku", template)
+    layers = sorted({rule.canonical.rsplit("/", 2)[0] for rule in names.rules})
+    shapes = {rule.canonical: leaf.shape
+              for rule, leaf in zip(names.rules, names.treedef.flatten_up_to(template))}
+
+    def to_canonical(state):
+        flat = flatten_canonical(names.to_canonical(state))
+        out: Canonical = {}
+        for layer in layers:
+            mean, var = flat[f"{layer}/mean_ema/hidden"], flat[f"{layer}/var_ema/hidden"]
+            count = flat[f"{layer}/var_ema/counter"]
+            _set(out, f"{layer}/mean", mean.reshape(mean.shape[-1]))
+            _set(out, f"{layer}/var", (var + jnp.asarray(decay, var.dtype) ** count).reshape(var.shape[-1]))
+        return out
+
+    def from_canonical(canonical, updates):
+        flat: Canonical = {}
+        count = jnp.asarray(updates, jnp.int32)
+        for layer in layers:
+            for stat, ema in (("mean", "mean_ema"), ("var", "var_ema")):
+                value = _get(canonical, f"{layer}/{stat}").reshape(shapes[f"{layer}/{ema}/hidden"])
+                hidden = value if stat == "mean" else value - jnp.asarray(decay, value.dtype) ** count
+                _set(flat, f"{layer}/{ema}/hidden", hidden)
+                _set(flat, f"{layer}/{ema}/counter", count)
+                _set(flat, f"{layer}/{ema}/average", _debias(hidden, decay, count))
+        return names.from_canonical(flat)
+
+    return StateConverter(to_canonical, from_canonical,
+                          tuple(f"{layer}/{stat}" for layer in layers for stat in ("mean", "var")))
+
+
+def _equinox_state(template_model: Any, template_state: Any) -> StateConverter:
+    """``eqx.nn.State`` is keyed by the layers' ``StateIndex`` markers: walk the model for them.
+
+    In ``mode="batch"`` an ``eqx.nn.BatchNorm`` keeps ``(mean, var)`` updated
+    exactly like the canonical running statistics (from 0 and 1), and a
+    counter of updates, which it uses to debias both at inference.
+    """
+    is_bn = lambda node: isinstance(node, eqx.nn.BatchNorm)  # noqa: E731
+    found = jax.tree_util.tree_flatten_with_path(template_model, is_leaf=is_bn)[0]
+    layers = [(canonical_name("equinox", path), bn) for path, bn in found if is_bn(bn)]
+
+    def to_canonical(state):
+        out: Canonical = {}
+        for name, bn in layers:
+            mean, var = state.get(bn.batch_state_index)
+            _set(out, f"{name}/mean", mean)
+            _set(out, f"{name}/var", var)
+        return out
+
+    def from_canonical(canonical, updates):
+        # A fresh copy of the (abstract) template: State.set invalidates the object it is called on.
+        state = jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(template_state)))
+        for name, bn in layers:
+            state = state.set(bn.batch_state_index, (_get(canonical, f"{name}/mean"), _get(canonical, f"{name}/var")))
+            # Equinox's counter is a weakly typed int (`jnp.array(0)`): so is a Python int's array.
+            state = state.set(bn.batch_counter, jnp.array(int(updates)))
+        return state
+
+    return StateConverter(to_canonical, from_canonical,
+                          tuple(f"{name}/{stat}" for name, _ in layers for stat in ("mean", "var")))
+
+
+# --------------------------------------------------------------------------- the five adapters
+
+
+def _build_jax(spec, module, kwargs, hparams, compute, in_shape):
+    init_kwargs = _split_kwargs(module.init, kwargs)
+    apply_kwargs = _split_kwargs(module.apply, kwargs)
+
     def init(key):
-        return module.init(key, *kwargs.values())
+        out = module.init(key, **init_kwargs)
+        return out if spec.state else (out, {})
 
     # Mixed precision in plain JAX: cast parameters and inputs explicitly.
-    if name == "vae":
-        def apply(params, images, labels, key):
-            out = module.apply(_cast(params, compute), _cast(images, compute), labels, noise_key(key))
-            return _to_float32(out)
+    def apply(params, state, images, labels, key, train):
+        args = [_cast(params, compute)] + ([state] if spec.state else []) + [_cast(images, compute)]
+        args += [labels] if spec.labels else []
+        args += [rng_key(key)] if spec.rng else []
+        args += [train] if spec.train_mode else []
+        out = module.apply(*args, **apply_kwargs)
+        out, state = out if spec.state else (out, state)
+        return _to_float32(out), state
 
+    generate = None
+    if spec.kind == "vae":
         def generate(params, z, labels):
             return _to_float32(module.generate(_cast(params, compute), _cast(z, compute), labels))
-    else:
-        def apply(params, images, labels, key):
-            return _to_float32(module.apply(_cast(params, compute), _cast(images, compute)))
-        generate = None
-    return init, apply, generate, module
+    return init, apply, generate, module, None
 
 
-def _build_flax(name, module, kwargs, compute, in_shape):
-    kwargs = {k: v for k, v in kwargs.items() if k not in INFERRED}
-    net = getattr(module, CLASS_NAMES[name])(**kwargs, dtype=compute)
-    dummy = _dummy_inputs(in_shape)
+def _build_flax(spec, module, kwargs, hparams, compute, in_shape):
+    kwargs = {k: v for k, v in kwargs.items() if k not in spec.inferred}
+    net = getattr(module, spec.class_name)(**kwargs, dtype=compute)
+    x0, y0 = _dummy_inputs(in_shape)
+
+    def call_args(images, labels, key, train):
+        return ((images,) + ((labels,) if spec.labels else ()) + ((train,) if spec.train_mode else ())
+                + ((key,) if spec.rng else ()))
 
     def init(key):
-        inputs = (*dummy, key) if name == "vae" else dummy[:1]
-        return net.init(key, *inputs)["params"]
+        variables = net.init(key, *call_args(x0, y0, key, False))
+        return variables["params"], dict(variables.get("batch_stats", {}))
 
-    if name == "vae":
-        def apply(params, images, labels, key):
-            return _to_float32(net.apply({"params": params}, images, labels, noise_key(key)))
+    def apply(params, state, images, labels, key, train):
+        variables = {"params": params, **({"batch_stats": state} if spec.state else {})}
+        args = call_args(images, labels, rng_key(key) if spec.rng else None, train)
+        if spec.state and train:
+            out, updates = net.apply(variables, *args, mutable=["batch_stats"])
+            return _to_float32(out), dict(updates["batch_stats"])
+        return _to_float32(net.apply(variables, *args)), state
 
+    generate = None
+    if spec.kind == "vae":
         def generate(params, z, labels):
             return _to_float32(net.apply({"params": params}, z, labels, method=net.generate))
-    else:
-        def apply(params, images, labels, key):
-            return _to_float32(net.apply({"params": params}, images))
-        generate = None
-    return init, apply, generate, net
+    return init, apply, generate, net, None
 
 
-def _build_nnx(name, module, kwargs, compute, in_shape):
-    from flax import nnx
-
-    cls = getattr(module, CLASS_NAMES[name])
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(**kwargs, dtype=compute, rngs=nnx.Rngs(0))))
+def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
+    cls = getattr(module, spec.class_name)
+    abstract = nnx.eval_shape(lambda: cls(**kwargs, dtype=compute, rngs=nnx.Rngs(0)))
+    # Training and evaluation are two graphs: model.train() / model.eval() set
+    # static attributes (use_running_average, deterministic), not arrays.
+    graphdefs = {}
+    for train in (True, False):
+        if spec.train_mode:
+            abstract.train() if train else abstract.eval()
+        graphdefs[train] = nnx.split(abstract, nnx.Param, nnx.BatchStat)[0]
 
     def init(key):
-        _, params = nnx.split(cls(**kwargs, dtype=compute, rngs=nnx.Rngs(params=key)))
-        # A plain dict of arrays rather than an nnx.State: jax.jit flattens its
+        _, params, stats = nnx.split(cls(**kwargs, dtype=compute, rngs=nnx.Rngs(params=key)),
+                                     nnx.Param, nnx.BatchStat)
+        # Plain dicts of arrays rather than nnx.State: jax.jit flattens its
         # arguments on every call, about 6 us for dicts against about 60 us
         # for the Variables of an nnx.State, which shows on small models.
-        return nnx.to_pure_dict(params)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
-    # The fast pattern: a static graphdef merged with the parameters inside the
+    # The fast pattern: a static graphdef merged with the arrays inside the
     # traced function, instead of nnx.jit on the module.
-    if name == "vae":
-        def apply(params, images, labels, key):
-            out = nnx.merge(graphdef, params)(images, labels, nnx.Rngs(noise=key))
-            return _to_float32(out)
+    def apply(params, state, images, labels, key, train):
+        model = nnx.merge(graphdefs[train], params, state)
+        args = (images,) + ((labels,) if spec.labels else ())
+        if spec.rng:
+            args += (nnx.Rngs(**{spec.rng: key}),)
+        out = _to_float32(model(*args))
+        if spec.state and train:
+            state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        return out, state
 
+    generate = None
+    if spec.kind == "vae":
         def generate(params, z, labels):
-            return _to_float32(nnx.merge(graphdef, params).generate(z, labels))
-    else:
-        def apply(params, images, labels, key):
-            return _to_float32(nnx.merge(graphdef, params)(images))
-        generate = None
-    return init, apply, generate, cls
+            return _to_float32(nnx.merge(graphdefs[False], params, {}).generate(z, labels))
+    return init, apply, generate, cls, None
 
 
-def _build_haiku(name, module, kwargs, compute, in_shape):
-    import haiku as hk
-
-    kwargs = {k: v for k, v in kwargs.items() if k not in INFERRED}
-    cls = getattr(module, CLASS_NAMES[name])
+def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
+    kwargs = {k: v for k, v in kwargs.items() if k not in spec.inferred}
+    cls = getattr(module, spec.class_name)
 
     def under_policy(fn: Callable) -> Callable:
         """Haiku's mixed-precision idiom: a jmp policy attached to the module class.
@@ -238,8 +368,6 @@ def _build_haiku(name, module, kwargs, compute, in_shape):
         """
         if compute is None:
             return fn
-        import jmp
-
         policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
 
         def with_policy(*args):
@@ -247,70 +375,90 @@ def _build_haiku(name, module, kwargs, compute, in_shape):
                 return fn(*args)
         return with_policy
 
-    if name == "vae":
-        forward = hk.transform(under_policy(lambda x, y: cls(**kwargs)(x, y)))
+    transform = hk.transform_with_state if spec.state else hk.transform
+    forward = transform(under_policy(lambda *args: cls(**kwargs)(*args)))
+    x0, y0 = _dummy_inputs(in_shape)
+
+    def call_args(images, labels, train):
+        return (images,) + ((labels,) if spec.labels else ()) + ((train,) if spec.train_mode else ())
+
+    def init(key):
+        out = forward.init(key, *call_args(x0, y0, True))
+        return out if spec.state else (out, {})
+
+    def apply(params, state, images, labels, key, train):
+        # A PRNGSequence state whose next key is rng_key(key): the model's
+        # hk.next_rng_key() then draws with the shared key.
+        rng = (key, (rng_key(key),)) if spec.rng else None
+        args = call_args(images, labels, train)
+        if spec.state:
+            out, new_state = forward.apply(params, state, rng, *args)
+            return _to_float32(out), (new_state if train else state)
+        return _to_float32(forward.apply(params, rng, *args)), state
+
+    generate = None
+    if spec.kind == "vae":
         sample = hk.transform(under_policy(lambda z, y: cls(**kwargs).generate(z, y)))
-        dummy = _dummy_inputs(in_shape)
-
-        def init(key):
-            return forward.init(key, *dummy)
-
-        def apply(params, images, labels, key):
-            # A PRNGSequence state whose next key is noise_key(key): the
-            # model's hk.next_rng_key() then draws with the shared key.
-            return _to_float32(forward.apply(params, (key, (noise_key(key),)), images, labels))
 
         def generate(params, z, labels):
             return _to_float32(sample.apply(params, None, z, labels))
-    else:
-        forward = hk.transform(under_policy(lambda x: cls(**kwargs)(x)))
-        dummy = _dummy_inputs(in_shape)
-
-        def init(key):
-            return forward.init(key, dummy[0])
-
-        def apply(params, images, labels, key):
-            return _to_float32(forward.apply(params, None, images))
-        generate = None
-    return init, apply, generate, forward
+    converter = None
+    if spec.state:
+        template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
+        converter = _haiku_state(spec, template, hparams)
+    return init, apply, generate, forward, converter
 
 
-def _build_equinox(name, module, kwargs, compute, in_shape):
-    import equinox as eqx
+def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
+    cls = getattr(module, spec.class_name)
 
-    cls = getattr(module, CLASS_NAMES[name])
-    static = eqx.partition(eqx.filter_eval_shape(lambda: cls(**kwargs, key=jax.random.key(0))),
-                           eqx.is_array)[1]
+    def make(key):
+        if spec.state:
+            return eqx.nn.make_with_state(cls)(**kwargs, key=key)
+        return cls(**kwargs, key=key), {}
+
+    abstract = eqx.filter_eval_shape(lambda: make(jax.random.key(0))[0])
+    # Training and inference differ in static fields (`inference`), so each
+    # mode has its own static part.
+    statics = {train: eqx.partition(eqx.nn.inference_mode(abstract, value=not train)
+                                    if spec.train_mode else abstract, eqx.is_array)[1]
+               for train in (True, False)}
 
     def init(key):
-        params, _ = eqx.partition(cls(**kwargs, key=key), eqx.is_array)
-        return params
+        net, state = make(key)
+        params, _ = eqx.partition(net, eqx.is_array)
+        return params, state
 
     # The fast pattern: arrays and static parts partitioned once, combined
     # inside the traced function, instead of eqx.filter_jit. Mixed precision
-    # is explicit casting of the parameter arrays and the inputs.
-    if name == "vae":
-        def apply(params, images, labels, key):
-            net = eqx.combine(_cast(params, compute), static)
-            return _to_float32(net(_cast(images, compute), labels, key=noise_key(key)))
+    # is explicit casting of the parameter arrays and the inputs. The model
+    # acts on one example; the batch is a jax.vmap, with one key per example
+    # and, for BatchNorm, the batch axis named for its statistics.
+    def apply(params, state, images, labels, key, train):
+        net = eqx.combine(_cast(params, compute), statics[train])
+        x = _cast(images, compute)
+        if spec.channels_first:
+            x = jnp.transpose(x, (0, 3, 1, 2))  # Equinox convolutions take CHW
+        args, in_axes = [x], [0]
+        if spec.labels:
+            args, in_axes = args + [labels], in_axes + [0]
+        if spec.state:
+            args, in_axes = args + [state], in_axes + [None]
+        kw = {"key": jax.random.split(rng_key(key), x.shape[0])} if spec.rng else {}
+        out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
+                       axis_name="batch")(*args, **kw)
+        out, state = out if spec.state else (out, state)
+        return _to_float32(out), state
 
+    generate = None
+    if spec.kind == "vae":
         def generate(params, z, labels):
-            net = eqx.combine(_cast(params, compute), static)
-            return _to_float32(net.generate(_cast(z, compute), labels))
-    else:
-        def apply(params, images, labels, key):
-            net = eqx.combine(_cast(params, compute), static)
-            x = _cast(images, compute)
-            if name == "cnn":
-                x = jnp.transpose(x, (0, 3, 1, 2))  # Equinox convolutions take CHW
-            return _to_float32(jax.vmap(net)(x))
-        generate = None
-    return init, apply, generate, cls
-
-
-def _dummy_inputs(in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """An example batch for Linen and Haiku, which infer shapes on the first call."""
-    return jnp.zeros((1, *in_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+            net = eqx.combine(_cast(params, compute), statics[False])
+            return _to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
+    converter = None
+    if spec.state:
+        converter = _equinox_state(abstract, jax.eval_shape(lambda: make(jax.random.key(0))[1]))
+    return init, apply, generate, cls, converter
 
 
 _BUILDERS = {"jax": _build_jax, "flax": _build_flax, "nnx": _build_nnx,

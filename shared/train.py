@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from shared import data as data_lib
 from shared.files import atomic_path, write_text
 from shared import tasks
-from shared.styles import Model, ZooError
+from shared.errors import ZooError
+from shared.styles import Model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "warmup_cosine", "linear_warmup")
@@ -79,6 +81,7 @@ class TrainConfig:
 class TrainState(NamedTuple):
     step: jax.Array
     params: Any
+    model_state: Any  # BatchNorm's running statistics; {} for a stateless model
     opt_state: Any
     ema_params: Any  # None without --ema
 
@@ -143,15 +146,23 @@ def make_optimizer(config: TrainConfig, total_steps: int, labels: Any | None) ->
 
 def make_train_step(model: Model, optimizer: optax.GradientTransformation, config: TrainConfig,
                     key: jax.Array) -> Callable:
-    """``step(state, batch) -> (state, loss, finite)``, a pure function to jit."""
+    """``step(state, batch) -> (state, loss, finite)``, a pure function to jit.
 
-    def loss_fn(params, batch, step_key):
-        outputs = model.apply(params, batch["image"], batch["label"], step_key)
-        return tasks.per_example(model.kind, outputs, batch)["loss"].mean()
+    The model runs in training mode, and its new state (BatchNorm's running
+    statistics, computed over the whole batch, however it is sharded) comes
+    out beside the gradients. EMA and freezing apply to the parameters; the
+    state of a frozen layer still follows its batches, as in PyTorch's
+    train mode.
+    """
+
+    def loss_fn(params, model_state, batch, step_key):
+        outputs, model_state = model.apply(params, model_state, batch["image"], batch["label"], step_key, True)
+        return tasks.per_example(model.kind, outputs, batch)["loss"].mean(), model_state
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         step_key = jax.random.fold_in(key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_key)
+        (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, batch, step_key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -159,28 +170,29 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation, confi
             ema = optax.incremental_update(params, ema, 1.0 - config.ema)
         # One flag per parameter: False where its gradient or new value is not finite.
         finite = jax.tree.map(lambda g, p: jnp.isfinite(g).all() & jnp.isfinite(p).all(), grads, params)
-        return TrainState(state.step + 1, params, opt_state, ema), loss, finite
+        return TrainState(state.step + 1, params, model_state, opt_state, ema), loss, finite
 
     return step
 
 
 def make_eval_step(model: Model, key: jax.Array) -> Callable:
-    def evaluate(params, batch, index):
-        outputs = model.apply(params, batch["image"], batch["label"], jax.random.fold_in(key, index))
+    def evaluate(params, model_state, batch, index):
+        outputs, _ = model.apply(params, model_state, batch["image"], batch["label"],
+                                 jax.random.fold_in(key, index), False)
         metrics = tasks.per_example(model.kind, outputs, batch)
         return {name: jnp.sum(value * batch["mask"]) for name, value in metrics.items()}
 
     return evaluate
 
 
-def evaluate(eval_step: Callable, params: Any, split: data_lib.Split, batch_size: int,
+def evaluate(eval_step: Callable, params: Any, model_state: Any, split: data_lib.Split, batch_size: int,
              sharding: NamedSharding | None = None) -> dict[str, float]:
-    """Means of the per-example metrics over the whole split (nothing dropped)."""
+    """Means of the per-example metrics over the whole split (nothing dropped), in eval mode."""
     totals: dict[str, float] = {}
     for index, batch in enumerate(data_lib.eval_batches(split, batch_size)):
         if sharding is not None:
             batch = jax.device_put(batch, sharding)
-        for name, value in eval_step(params, batch, index).items():
+        for name, value in eval_step(params, model_state, batch, index).items():
             totals[name] = totals.get(name, 0.0) + float(value)
     return {name: total / len(split) for name, total in totals.items()}
 
@@ -195,6 +207,7 @@ class Result:
     dataset: str
     config: TrainConfig
     params: Any
+    model_state: Any
     ema_params: Any
     history: list[dict[str, float]]
     step_times: list[float]
@@ -251,20 +264,19 @@ def make_mesh(devices: int | None) -> Mesh:
 
 
 def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
-          init_params: Any = None, out_dir: str | Path | None = None,
+          init_params: Any = None, init_state: Any = None, out_dir: str | Path | None = None,
           progress: bool = True, on_step: Callable[[int, TrainState], None] | None = None,
           start: TrainState | None = None, log: RunLog | None = None) -> Result:
     """Train ``model`` on ``dataset`` and return the trained parameters and metrics.
 
-    ``init_params`` are the model's native parameters to start from (default:
-    its own initialiser with the run's seed). ``on_step(step, state)`` is called
+    ``init_params`` and ``init_state`` are the model's native parameters and
+    state to start from (default: its own initialiser with the run's seed).
+    An EMA of the parameters is evaluated with the run's current state. ``on_step(step, state)`` is called
     after every step with the completed, finite state (checkpointing hooks in
     there); at the end of an epoch it comes after that epoch's evaluation, so
     ``log`` then holds its record. ``start`` resumes from a saved state, and
     ``log`` (what the run had recorded up to ``start``) continues its metrics.
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     if tuple(dataset.in_shape) != tuple(model.in_shape):
         raise ZooError(f"{model.name} was built for images of shape {model.in_shape}, "
@@ -289,9 +301,13 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     schedule = learning_rate(config, total_steps)
 
     if start is None:
-        params = model.init(init_key) if init_params is None else init_params
+        params, model_state = model.init(init_key)
+        if init_params is not None:
+            params = init_params
+        if init_state is not None:
+            model_state = init_state
         ema = params if config.ema is not None else None
-        start = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), ema)
+        start = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), ema)
     state = jax.device_put(start, replicated)
     # No buffer donation: the state after step t is still needed (for a
     # checkpoint) while step t + 1 runs.
@@ -355,7 +371,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
                       "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan")}
             epoch_losses.clear()
             record.update({f"test_{k}": v for k, v in evaluate(
-                eval_step, state.params, dataset.test, config.eval_batch_size, batch_sharding).items()})
+                eval_step, state.params, state.model_state, dataset.test, config.eval_batch_size,
+                batch_sharding).items()})
             history.append(record)
             headline = tasks.headline(model.kind)
             bar.set_postfix(train_loss=f"{record['train_loss']:.4f}",
@@ -368,8 +385,10 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else {}
     if state.ema_params is not None:
         final.update({f"ema_test_{k}": v for k, v in evaluate(
-            eval_step, state.ema_params, dataset.test, config.eval_batch_size, batch_sharding).items()})
-    result = Result(model.name, model.style, dataset.name, config, state.params, state.ema_params,
+            eval_step, state.ema_params, state.model_state, dataset.test, config.eval_batch_size,
+            batch_sharding).items()})
+    result = Result(model.name, model.style, dataset.name, config, state.params, state.model_state,
+                    state.ema_params,
                     history, step_times, step_losses,
                     [float(schedule(i)) for i in range(logged_from, logged_from + len(step_losses))], final)
     if out_dir is not None and jax.process_index() == 0:  # one writer when several hosts train

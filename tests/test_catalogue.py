@@ -15,7 +15,8 @@ import pytest
 
 from shared import catalogue
 from shared.cli import main
-from zoo import MODELS, STYLES
+from shared import registry
+from shared.registry import NAMES as MODELS, STYLES
 
 ROOT = Path(__file__).resolve().parents[1]
 GUTTER = re.compile(r"^\s*(\d+)(?: |$)")
@@ -130,7 +131,8 @@ def test_copied_models_run_without_the_repository(style, tmp_path):
     assert report["cwd"] == str(dest.resolve()) and not report["repo_on_path"] and not report["loaded"]
     assert report["hidden"] > 0
     shapes = {m: entry["shapes"] for m, entry in zip(MODELS, report["items"])}
-    assert shapes == {"mlp": [[2, 10]], "cnn": [[2, 10]], "vae": [[2, 64], [2, 20], [2, 20]]}
+    expected = {m: [[2, 64], [2, 20], [2, 20]] if registry.MODELS[m].kind == "vae" else [[2, 10]] for m in MODELS}
+    assert shapes == expected
     assert all(entry["finite"] and entry["file"] == str((dest / f"{m}.py").resolve())
                for m, entry in zip(MODELS, report["items"]))
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from shared.cli import main
+from shared.registry import NAMES, STYLES
 
 
 def run_zoo(*args: str, env=None) -> subprocess.CompletedProcess:
@@ -18,13 +19,13 @@ def run_zoo(*args: str, env=None) -> subprocess.CompletedProcess:
 def test_list_shows_every_model_and_style(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("mlp", "cnn", "vae", "jax", "flax", "nnx", "haiku", "equinox"):
+    for word in (*NAMES, *STYLES):
         assert word in out
     assert "-" not in out.splitlines()[1].split()[1:], "a model file is missing"
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["train", "resnet", "--style", "jax"], ["'resnet'", "mlp", "cnn", "vae"]),
+    (["train", "lenet", "--style", "jax"], ["'lenet'", *NAMES]),
     (["train", "mlp", "--style", "pytorch"], ["'pytorch'", "jax", "flax", "nnx", "haiku", "equinox"]),
     (["train", "mlp", "--style", "jax", "--dataset", "cifar"], ["'cifar'", "digits", "mnist", "fashion_mnist"]),
     (["train", "mlp", "--style", "jax", "--batch-size", "0"], "must be a positive integer, got 0"),

@@ -10,9 +10,7 @@ Each sub-package holds one self-contained file per model:
 - ``zoo.equinox``: Equinox.
 
 A model file imports only ``jax``, ``numpy`` and its own framework, so it can be
-copied into another project as it is. The parity tests beside this file prove
-that the versions are the same network.
+copied into another project as it is. The models are declared in
+``shared.registry``; the parity tests beside this file prove that the versions
+are the same network.
 """
-
-MODELS = ("mlp", "cnn", "vae")
-STYLES = ("jax", "flax", "nnx", "haiku", "equinox")

@@ -16,19 +16,25 @@ import pytest
 from shared import styles as styles_lib
 from shared.convert import flatten_canonical
 from shared.train import TrainConfig, train
-from zoo import STYLES
+from shared.registry import MODELS, NAMES, STYLES
 
 OTHERS = [s for s in STYLES if s != "jax"]
 
 
 def run(model: str, style: str, digits, config: TrainConfig, canonical: dict, precision: str = "float32"):
     net = styles_lib.build(model, style, in_shape=digits.in_shape, precision=precision)
-    result = train(net, digits, config, init_params=net.from_canonical(canonical), progress=False)
+    state = net.state_from_canonical(start_state(model, digits), 0)
+    result = train(net, digits, config, init_params=net.from_canonical(canonical), init_state=state,
+                   progress=False)
     return net, result
 
 
 def start(model: str, digits) -> dict:
-    return styles_lib.build(model, "jax", in_shape=digits.in_shape).init(jax.random.key(3))
+    return styles_lib.build(model, "jax", in_shape=digits.in_shape).init(jax.random.key(3))[0]
+
+
+def start_state(model: str, digits) -> dict:
+    return styles_lib.build(model, "jax", in_shape=digits.in_shape).init(jax.random.key(3))[1]
 
 
 CONFIGS = {
@@ -138,7 +144,7 @@ def test_patterns_that_match_nothing_are_refused(digits):
 BF16_RTOL = 2e-2
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn", "vae"])
+@pytest.mark.parametrize("model", NAMES)
 @pytest.mark.parametrize("style", OTHERS)
 def test_bfloat16_forward_matches_reference(model, style, digits):
     canonical = start(model, digits)
@@ -146,10 +152,15 @@ def test_bfloat16_forward_matches_reference(model, style, digits):
     key = jax.random.key(0)
     ref = styles_lib.build(model, "jax", in_shape=digits.in_shape, precision="bfloat16")
     net = styles_lib.build(model, style, in_shape=digits.in_shape, precision="bfloat16")
-    expected = jax.jit(ref.apply)(canonical, batch["image"], batch["label"], key)
-    got = jax.jit(net.apply)(net.from_canonical(canonical), batch["image"], batch["label"], key)
+    state = start_state(model, digits)
+    train_mode = MODELS[model].train_mode  # with dropout and batch statistics, where the model has them
+    expected = jax.jit(ref.apply, static_argnums=5)(canonical, state, batch["image"], batch["label"], key,
+                                                    train_mode)[0]
+    got = jax.jit(net.apply, static_argnums=5)(net.from_canonical(canonical), net.state_from_canonical(state, 0),
+                                               batch["image"], batch["label"], key, train_mode)[0]
     f32 = styles_lib.build(model, "jax", in_shape=digits.in_shape)
-    full = jax.jit(f32.apply)(canonical, batch["image"], batch["label"], key)
+    full = jax.jit(f32.apply, static_argnums=5)(canonical, state, batch["image"], batch["label"], key,
+                                                train_mode)[0]
     for e, g, f in zip(jax.tree.leaves(expected), jax.tree.leaves(got), jax.tree.leaves(full)):
         assert g.dtype == jnp.float32  # outputs come back in float32 for the loss
         scale = float(jnp.max(jnp.abs(e)))

@@ -41,7 +41,7 @@ LAYERS = {"mlp": ("layers_0", 784), "cnn": ("conv2", 3 * 3 * 32)}
 def test_default_initialiser(style, model):
     net = styles.build(model, style, in_shape=(28, 28, 1),
                        **({"hidden_sizes": (1024,)} if model == "mlp" else {}))
-    params = flatten_canonical(net.to_canonical(net.init(jax.random.key(0))))
+    params = flatten_canonical(net.to_canonical(net.init_params(jax.random.key(0))))
     layer, fan_in = LAYERS[model]
     kernel = np.asarray(params[f"{layer}/kernel"], np.float64)
     bias = np.asarray(params[f"{layer}/bias"], np.float64)

@@ -3,7 +3,8 @@
 The encoder sees the flattened image and its one-hot label and gives the mean
 and log-variance of a Gaussian latent; the decoder sees a latent and the
 one-hot label and gives Bernoulli logits for every pixel. The sizes follow
-Flax's VAE example (20 latents, 500 hidden units).
+Flax's VAE example (20 latents, 500 hidden units). Acts on a single example:
+``jax.vmap`` it over a batch, with one key per example.
 """
 
 import equinox as eqx
@@ -66,16 +67,13 @@ class VAE(eqx.Module):
         self.decoder = Decoder(latents + num_classes, hidden, num_pixels, key=k2)
 
     def __call__(
-        self, x: jax.Array, labels: jax.Array, *, key: jax.Array
+        self, x: jax.Array, label: jax.Array, *, key: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # Unlike the other Equinox models this takes a whole batch: the noise
-        # for the batch is one draw from `key`, as in every other style, and
-        # the per-example encoder and decoder are vmapped around it.
-        y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
-        mean, logvar = jax.vmap(self.encoder)(x.reshape((x.shape[0], -1)), y)
+        y = jax.nn.one_hot(label, self.num_classes, dtype=x.dtype)
+        mean, logvar = self.encoder(x.ravel(), y)
         z = reparameterize(key, mean, logvar)
-        return jax.vmap(self.decoder)(z, y), mean, logvar
+        return self.decoder(z, y), mean, logvar
 
-    def generate(self, z: jax.Array, labels: jax.Array) -> jax.Array:
-        y = jax.nn.one_hot(labels, self.num_classes, dtype=z.dtype)
-        return jax.nn.sigmoid(jax.vmap(self.decoder)(z, y))
+    def generate(self, z: jax.Array, label: jax.Array) -> jax.Array:
+        y = jax.nn.one_hot(label, self.num_classes, dtype=z.dtype)
+        return jax.nn.sigmoid(self.decoder(z, y))

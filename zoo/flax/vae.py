@@ -43,8 +43,11 @@ class Decoder(nn.Module):
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
+    # One draw per example, each from its own key, as the Equinox model, which
+    # sees one example at a time under jax.vmap, draws it.
+    keys = jax.random.split(key, mean.shape[0])
+    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, mean)
+    return mean + jnp.exp(0.5 * logvar) * eps
 
 
 class VAE(nn.Module):

@@ -60,8 +60,11 @@ def decode(params: Params, z: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    std = jnp.exp(0.5 * logvar)
-    return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
+    # One draw per example, each from its own key, as the Equinox model, which
+    # sees one example at a time under jax.vmap, draws it.
+    keys = jax.random.split(key, mean.shape[0])
+    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, mean)
+    return mean + jnp.exp(0.5 * logvar) * eps
 
 
 def apply(
@@ -69,7 +72,8 @@ def apply(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Reconstruction logits ``(batch, pixels)``, latent mean and log-variance.
 
-    The noise is drawn from ``key``, passed in as an argument.
+    The noise is drawn from ``key``, passed in as an argument, split into one
+    key per example.
     """
     num_classes = params["encoder"]["fc1"]["kernel"].shape[0] - x[0].size
     y = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)

@@ -1,0 +1,88 @@
+"""A small ResNet classifier with batch normalisation, in Flax Linen.
+
+``conv 3x3 -> BN -> ReLU``, then three stages of basic residual blocks with
+``width``, ``2 * width`` and ``4 * width`` channels (the first block of the
+second and third stages has stride 2), then global average pooling, dropout
+and a dense head. A block is ``conv 3x3 -> BN -> ReLU -> conv 3x3 -> BN`` plus
+the shortcut, then ReLU; the shortcut is the input, or a 1x1 conv and BN where
+the shape changes. The running statistics live in the ``batch_stats``
+collection: apply with ``mutable=["batch_stats"]`` in train mode.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ResidualBlock(nn.Module):
+    in_features: int
+    features: int
+    strides: int = 1
+    momentum: float = 0.9
+    dtype: Any = None
+
+    def setup(self) -> None:
+        self.conv1 = nn.Conv(self.features, kernel_size=(3, 3), strides=self.strides, padding="SAME",
+                             use_bias=False, dtype=self.dtype)
+        self.bn1 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+        self.conv2 = nn.Conv(self.features, kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
+        self.bn2 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+        if self.strides != 1 or self.in_features != self.features:
+            self.proj = nn.Conv(self.features, kernel_size=(1, 1), strides=self.strides, padding="SAME",
+                                use_bias=False, dtype=self.dtype)
+            self.proj_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+        else:
+            self.proj = None
+            self.proj_bn = None
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        y = self.bn2(self.conv2(y), use_running_average=not train)
+        if self.proj is not None:
+            shortcut = self.proj_bn(self.proj(x), use_running_average=not train)
+        else:
+            shortcut = x
+        return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (1, 1, 1)
+    width: int = 16
+    dropout_rate: float = 0.1
+    momentum: float = 0.9
+    dtype: Any = None  # computation dtype; parameters stay float32
+
+    def setup(self) -> None:
+        # Images are NHWC and kernels HWIO.
+        self.stem = nn.Conv(self.width, kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
+        self.stem_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+        blocks = []
+        in_features = self.width
+        for stage, size in enumerate(self.stage_sizes):
+            features = self.width * 2**stage
+            for j in range(size):
+                strides = 2 if stage > 0 and j == 0 else 1
+                blocks.append(ResidualBlock(in_features, features, strides, self.momentum, dtype=self.dtype))
+                in_features = features
+        # Linen names the submodules of a list attribute blocks_0, blocks_1, ...
+        self.blocks = blocks
+        self.dropout = nn.Dropout(self.dropout_rate)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype)
+
+    def __call__(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
+        x = nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        for block in self.blocks:
+            x = block(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        if train:
+            # The key comes in as an argument: self.make_rng("dropout") would
+            # fold a hash of this module's path into it, which no other
+            # framework can reproduce. One mask per example, each from its own
+            # key, as Equinox draws them under jax.vmap.
+            keys = jax.random.split(dropout_rng, x.shape[0])
+            x = jax.vmap(lambda f, k: self.dropout(f, deterministic=False, rng=k))(x, keys)
+        return self.head(x)
