@@ -80,15 +80,29 @@ def test_a_style_that_computes_something_else_is_caught(digits):
     assert "**NO**" in bench.format_markdown(rows)
 
 
+@pytest.fixture(scope="module")
+def compiled_cases(digits):
+    """Per model: the reference, NNX's and Equinox's idiomatic steps and every fast step, compiled once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            batch = data.train_batches(digits.train, 8, 0, 0)[0]
+            cases = bench.make_cases(name, ("haiku", "nnx", "equinox"), batch, in_shape=digits.in_shape,
+                                     num_classes=10, **TINY.get(name, {}))
+            cache[name] = cases, [bench.compile_case(c) for c in cases]
+        return cache[name]
+    return get
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_idiomatic_steps_compute_what_the_loop_computes(name, digits):
+def test_idiomatic_steps_compute_what_the_loop_computes(name, compiled_cases):
     """nnx.jit and eqx.filter_jit steps: same FLOPs and, step after step, the same loss."""
-    batch = data.train_batches(digits.train, 8, 0, 0)[0]
-    cases = bench.make_cases(name, ("nnx", "equinox"), batch, in_shape=digits.in_shape, num_classes=10,
-                             patterns=("idiomatic",), **TINY.get(name, {}))
+    every, every_info = compiled_cases(name)
+    picked = [i for i, c in enumerate(every) if c.style == "jax" or c.pattern == "idiomatic"]
+    cases, infos = [every[i] for i in picked], [every_info[i] for i in picked]
     assert [(c.style, c.pattern) for c in cases] == [("jax", "fast"), ("nnx", "idiomatic"),
                                                       ("equinox", "idiomatic")]
-    infos = [bench.compile_case(c) for c in cases]
     assert infos[0]["flops"] > 0
     for case, info in zip(cases[1:], infos[1:]):
         # Equal, or different only by dtype conversions: nnx.Optimizer counts steps in
@@ -104,13 +118,12 @@ def test_idiomatic_steps_compute_what_the_loop_computes(name, digits):
     np.testing.assert_allclose(losses[1:], np.broadcast_to(losses[0], (2, 3)), rtol=1e-5)  # float32 rounding
 
 
-def test_batchnorm_flops_are_explained_only_by_identical_linear_algebra(digits):
+def test_batchnorm_flops_are_explained_only_by_identical_linear_algebra(digits, compiled_cases):
     """The ResNet's Haiku and Equinox steps do more FLOPs than the reference (their BatchNorm
     keeps and debiases its statistics its own way); the bench explains that only because their
     convolutions and matrix products are the reference's, one for one."""
-    batch = data.train_batches(digits.train, 8, 0, 0)[0]
-    cases = bench.make_cases("resnet", ("haiku", "equinox"), batch, in_shape=digits.in_shape, num_classes=10,
-                             patterns=("fast",), **TINY["resnet"])
+    every, _ = compiled_cases("resnet")
+    cases = [c for c in every if c.pattern == "fast" and c.style in ("jax", "haiku", "equinox")]
     rows = bench.compare_to_reference(bench.measure_group(
         cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=1))
     assert [r["flops_equal"] for r in rows] == [True, False, False]

@@ -470,25 +470,28 @@ def spying_make_train_step(*args):
 train.make_train_step = spying_make_train_step
 dataset = data.load("digits", sys.argv[1])
 report = {}
-reference = styles.build("resnet", "jax", in_shape=dataset.in_shape)
-start, start_state = reference.init(jax.random.key(0))
-runs = [(style, 4) for style in ("jax", "flax", "nnx", "haiku", "equinox")] + [("jax", 1)]
+starts = {name: styles.build(name, "jax", in_shape=dataset.in_shape).init(jax.random.key(0))
+          for name in ("mlp", "resnet")}
+# Every style's MLP (the sharding itself), and the ResNet where BatchNorm is written three
+# different ways: the reference's (as Linen and NNX), Haiku's, and Equinox's over a named vmap axis.
+runs = ([("mlp", style, 4) for style in ("jax", "flax", "nnx", "haiku", "equinox")] + [("mlp", "jax", 1)]
+        + [("resnet", style, 4) for style in ("jax", "haiku", "equinox")] + [("resnet", "jax", 1)])
 params, states = {}, {}
-# Batch 512: two steps an epoch, so the comparison is of rounding, not of Adam amplifying it.
-config = train.TrainConfig(epochs=1, batch_size=512)
-for style, devices in runs:
-    model = styles.build("resnet", style, in_shape=dataset.in_shape)
-    init = model.from_canonical(start)  # one initialiser for all: a fresh process pays for each
+for name, style, devices in runs:
+    model = styles.build(name, style, in_shape=dataset.in_shape)
+    start, start_state = starts[name]  # one initialiser for all: a fresh process pays for each
     seen.clear()
+    # Batch 512: two steps an epoch, so the comparison is of rounding, not of Adam amplifying it.
     config = train.TrainConfig(epochs=1, batch_size=512, devices=devices)
-    folder = f"{sys.argv[2]}/{style}-{devices}"  # checkpoints of replicated arrays, read on one device
-    result = checkpoint.train(model, dataset, config, folder, init_params=init,
+    folder = f"{sys.argv[2]}/{name}-{style}-{devices}"  # checkpoints of replicated arrays, read on one device
+    result = checkpoint.train(model, dataset, config, folder, init_params=model.from_canonical(start),
                               init_state=model.state_from_canonical(start_state, 0), progress=False)
     _, stored_params, stored_state = checkpoint.load_variables(folder, "jax")
-    params[style, devices], states[style, devices] = map(flatten_canonical, (stored_params, stored_state))
+    params[name, style, devices], states[name, style, devices] = map(flatten_canonical,
+                                                                     (stored_params, stored_state))
     (_, batch), (_, param) = seen[:2]
     leaf = jax.tree.leaves(result.params)[0]
-    report[f"{style}-{devices}"] = {
+    report[f"{name}-{style}-{devices}"] = {
         "batch_devices": len(batch.device_set), "batch_split": batch.spec == PartitionSpec("data"),
         "batch_shard": list(batch.shard_shape((config.batch_size, *dataset.in_shape))),
         "params_replicated": param.is_fully_replicated and leaf.sharding.is_fully_replicated,
@@ -497,13 +500,15 @@ def max_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(a[p]) - np.asarray(b[p])))) for p in b)
 
 
-for style, devices in runs[:-1]:
-    report[style] = max_diff(params[style, 4], params["jax", 1])
-    report[style + "-state"] = max_diff(states[style, 4], states["jax", 1])
+for name, style, devices in runs:
+    if devices == 4:
+        report[f"{name}-{style}"] = max_diff(params[name, style, 4], params[name, "jax", 1])
+        if name == "resnet":
+            report[f"{name}-{style}-state"] = max_diff(states[name, style, 4], states[name, "jax", 1])
 # What per-device statistics would have been: the stem BN's batch mean over one quarter of the
 # first batch against the whole batch's (the checkpoints hold the whole batch's).
 batch = data.train_batches(dataset.train, 512, 0, 0)[0]
-stem = jax.lax.conv_general_dilated(batch["image"], start["stem"]["kernel"], (1, 1), "SAME",
+stem = jax.lax.conv_general_dilated(batch["image"], starts["resnet"][0]["stem"]["kernel"], (1, 1), "SAME",
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 report["quarter_vs_whole_mean"] = float(np.max(np.abs(stem[:128].mean((0, 1, 2)) - stem.mean((0, 1, 2)))))
 print(json.dumps(report))
@@ -513,9 +518,11 @@ print(json.dumps(report))
 def test_data_parallel_over_four_devices_matches_one(data_dir, tmp_path):
     """Four CPU devices in a fresh process: each batch split four ways, the parameters replicated.
 
-    The ResNet, because of BatchNorm: every style trains on four devices
-    from the same canonical start; the reference is the plain-JAX style on
-    one. ``jax.jit`` over a sharded batch computes the batch statistics over
+    Every style's MLP trains on four devices from the same canonical start,
+    and the ResNet, because of BatchNorm, in its three ways of computing the
+    statistics (the reference's, which Linen and NNX share op for op,
+    Haiku's, and Equinox's over a named vmap axis); the reference is the
+    plain-JAX style on one device. ``jax.jit`` over a sharded batch computes the batch statistics over
     the whole (global) batch, with an all-reduce XLA inserts (in Equinox
     too: its ``axis_name`` is the vmapped batch axis, sharded), so the
     running statistics match one device's. The gradient and the statistics
@@ -529,16 +536,18 @@ def test_data_parallel_over_four_devices_matches_one(data_dir, tmp_path):
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    one = report["jax-1"]
-    assert one["batch_devices"] == 1 and one["batch_shard"] == [512, 8, 8, 1], one
-    for style in STYLES:
-        four = report[f"{style}-4"]
+    for name in ("mlp", "resnet"):
+        one = report[f"{name}-jax-1"]
+        assert one["batch_devices"] == 1 and one["batch_shard"] == [512, 8, 8, 1], one
+    for name, style in [("mlp", s) for s in STYLES] + [("resnet", s) for s in ("jax", "haiku", "equinox")]:
+        four = report[f"{name}-{style}-4"]
         assert four == {"batch_devices": 4, "batch_split": True, "batch_shard": [128, 8, 8, 1],
-                        "params_replicated": True, "params_devices": 4}, four
-        assert report[style] < 1e-5, (style, report[style])
+                        "params_replicated": True, "params_devices": 4}, (name, style, four)
+        assert report[f"{name}-{style}"] < 1e-5, (name, style, report[f"{name}-{style}"])
+    for style in ("jax", "haiku", "equinox"):
         # BatchNorm's statistics are the whole batch's, however it is sharded: the same running
         # averages as on one device, where per-device statistics would be off by far more.
-        assert report[style + "-state"] < 1e-5, (style, report[style + "-state"])
+        assert report[f"resnet-{style}-state"] < 1e-5, (style, report[f"resnet-{style}-state"])
     assert report["quarter_vs_whole_mean"] > 1e-3
 
 
