@@ -219,18 +219,8 @@ def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[
         step_key = jax.random.fold_in(key, step)
 
         def loss_fn(net):
-            net, images = cast(net), cast(batch["image"])
-            if spec.channels_first:
-                images = jnp.transpose(images, (0, 3, 1, 2))  # Equinox convolutions take CHW
-            args, in_axes = [images], [0]
-            if spec.labels:
-                args, in_axes = args + [batch["label"]], in_axes + [0]
-            if spec.state:
-                args, in_axes = args + [model_state], in_axes + [None]
-            kw = {"key": jax.random.split(styles_lib.rng_key(step_key), len(images))} if spec.rng else {}
-            out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
-                           axis_name="batch")(*args, **kw)
-            outputs, new_state = out if spec.state else (out, model_state)
+            outputs, new_state = styles_lib.equinox_batch(spec, cast(net), cast(batch["image"]), batch["label"],
+                                                          model_state, step_key)
             loss = tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
             return loss, new_state
 

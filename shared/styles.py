@@ -436,18 +436,7 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     # and, for BatchNorm, the batch axis named for its statistics.
     def apply(params, state, images, labels, key, train):
         net = eqx.combine(_cast(params, compute), statics[train])
-        x = _cast(images, compute)
-        if spec.channels_first:
-            x = jnp.transpose(x, (0, 3, 1, 2))  # Equinox convolutions take CHW
-        args, in_axes = [x], [0]
-        if spec.labels:
-            args, in_axes = args + [labels], in_axes + [0]
-        if spec.state:
-            args, in_axes = args + [state], in_axes + [None]
-        kw = {"key": jax.random.split(rng_key(key), x.shape[0])} if spec.rng else {}
-        out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
-                       axis_name="batch")(*args, **kw)
-        out, state = out if spec.state else (out, state)
+        out, state = equinox_batch(spec, net, _cast(images, compute), labels, state, key)
         return _to_float32(out), state
 
     generate = None
@@ -459,6 +448,26 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     if spec.state:
         converter = _equinox_state(abstract, jax.eval_shape(lambda: make(jax.random.key(0))[1]))
     return init, apply, generate, cls, converter
+
+
+def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Array, state: Any,
+                  key: jax.Array) -> tuple[Any, Any]:
+    """An Equinox model, which acts on one example, over a batch of NHWC images.
+
+    ``jax.vmap`` with the batch axis named ``"batch"`` (BatchNorm's statistics),
+    the state shared across the batch, and one key per example split from
+    ``rng_key(key)``.
+    """
+    x = jnp.transpose(images, (0, 3, 1, 2)) if spec.channels_first else images  # Equinox convolves CHW
+    args, in_axes = [x], [0]
+    if spec.labels:
+        args, in_axes = args + [labels], in_axes + [0]
+    if spec.state:
+        args, in_axes = args + [state], in_axes + [None]
+    kw = {"key": jax.random.split(rng_key(key), x.shape[0])} if spec.rng else {}
+    out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
+                   axis_name="batch")(*args, **kw)
+    return out if spec.state else (out, state)
 
 
 _BUILDERS = {"jax": _build_jax, "flax": _build_flax, "nnx": _build_nnx,

@@ -17,6 +17,7 @@ from shared import styles as styles_lib
 from shared.convert import flatten_canonical
 from shared.train import TrainConfig, train
 from shared.registry import MODELS, NAMES, STYLES
+from zoo.test_parity import quick_init
 
 OTHERS = [s for s in STYLES if s != "jax"]
 
@@ -30,11 +31,11 @@ def run(model: str, style: str, digits, config: TrainConfig, canonical: dict, pr
 
 
 def start(model: str, digits) -> dict:
-    return styles_lib.build(model, "jax", in_shape=digits.in_shape).init(jax.random.key(3))[0]
+    return quick_init(model, "jax", jax.random.key(3), digits.in_shape)[0]
 
 
 def start_state(model: str, digits) -> dict:
-    return styles_lib.build(model, "jax", in_shape=digits.in_shape).init(jax.random.key(3))[1]
+    return quick_init(model, "jax", jax.random.key(3), digits.in_shape)[1]
 
 
 CONFIGS = {

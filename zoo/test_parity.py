@@ -48,6 +48,30 @@ def build(model: str, style: str, in_shape=(8, 8, 1)) -> styles_lib.Model:
     return styles_lib.build(model, style, in_shape=in_shape, num_classes=10)
 
 
+_LOW_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@functools.cache
+def _compiled_init(model: str, style: str, in_shape=(8, 8, 1)):
+    net = build(model, style, in_shape)
+    lowered = jax.jit(net.init).lower(jax.random.key(0))
+    try:
+        return lowered.compile(compiler_options=_LOW_OPT)
+    except Exception:  # an XLA without these options
+        return lowered.compile()
+
+
+def quick_init(model: str, style: str, key: jax.Array, in_shape=(8, 8, 1)):
+    """``build(model, style).init(key)``, compiled once at a low optimisation level.
+
+    Initialisers are many small random programs whose compilation costs seconds
+    at the default level (a ResNet's: 5 to 9 s) and nothing to run. The draws
+    have the same distribution, not necessarily the same last bits as an eager
+    ``init``; every check here starts from whatever the reference drew.
+    """
+    return _compiled_init(model, style, in_shape)(key)
+
+
 @functools.cache
 def jitted(model: str, style: str, train: bool):
     return jax.jit(functools.partial(_apply, build(model, style), train=train))
@@ -65,7 +89,7 @@ def batch(digits):
 @functools.cache
 def canonical_start(model: str) -> tuple[dict, dict]:
     """The reference's initial parameters and state (canonical by definition)."""
-    return build(model, "jax").init(jax.random.key(42))
+    return quick_init(model, "jax", jax.random.key(42))
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from shared import data as data_lib
 from shared import styles as styles_lib
 from shared.layouts import flatten_canonical
 from shared.registry import MODELS
+from zoo.test_parity import quick_init
 
 MODEL = "resnet"
 SPEC = MODELS[MODEL]
@@ -74,7 +75,7 @@ def test_every_framework_is_configured_with_the_same_decay_and_epsilon():
     original = hk.BatchNorm.__call__
     hk.BatchNorm.__call__ = spy
     try:
-        build("haiku").init(jax.random.key(0))
+        jax.eval_shape(build("haiku").init, jax.random.key(0))  # traced only: the spy sees every layer
     finally:
         hk.BatchNorm.__call__ = original
     assert {entry[1:] for entry in seen} == {(DECAY, 1e-5, True)}
@@ -84,7 +85,7 @@ def test_every_framework_is_configured_with_the_same_decay_and_epsilon():
 def native_state_summary(style: str) -> dict[str, tuple]:
     """The initial state of the stem's BatchNorm, as the framework itself holds it."""
     net = build(style)
-    _, state = net.init(jax.random.key(0))
+    _, state = quick_init(MODEL, style, jax.random.key(0))
     if style == "haiku":
         return {name: (float(np.mean(v["hidden"])), int(v["counter"]))
                 for name, v in state.items() if name.endswith("stem_bn/~/mean_ema")
@@ -106,13 +107,13 @@ def test_haiku_running_averages_start_at_zero_with_a_counter():
     and a counter; the canonical variance 1 is ``hidden + decay**0``."""
     summary = native_state_summary("haiku")
     assert summary == {"res_net/~/stem_bn/~/mean_ema": (0.0, 0), "res_net/~/stem_bn/~/var_ema": (0.0, 0)}
-    assert flatten_canonical(build("haiku").state_to_canonical(build("haiku").init(jax.random.key(0))[1])) \
-        .keys() == flatten_canonical(build("jax").init(jax.random.key(0))[1]).keys()
+    assert flatten_canonical(build("haiku").state_to_canonical(quick_init(MODEL, "haiku", jax.random.key(0))[1])) \
+        .keys() == flatten_canonical(quick_init(MODEL, "jax", jax.random.key(0))[1]).keys()
 
 
 def eval_gap(style: str, batches, updates: int) -> float:
     """Largest |eval logit - reference eval logit| after ``updates`` training batches, same params."""
-    params, state = build("jax").init(jax.random.key(0))
+    params, state = quick_init(MODEL, "jax", jax.random.key(0))
     train_ref = jitted("jax", True)
     for i in range(updates):
         _, state = train_ref(params, state, batches[i % len(batches)]["image"], batches[0]["label"],
@@ -158,7 +159,7 @@ def test_eval_mode_is_selected_in_each_framework_s_own_way(batches):
     assert all(layer.inference for layer in layers_of(eqx.nn.inference_mode(net), (eqx.nn.BatchNorm,
                                                                                     eqx.nn.Dropout)))
     for style in ("jax", "flax", "nnx", "haiku", "equinox"):
-        params, state = build(style).init(jax.random.key(0))
+        params, state = quick_init(MODEL, style, jax.random.key(0))
         canonical = flatten_canonical(build(style).state_to_canonical(state))
         _, after_eval = jitted(style, False)(params, state, batch["image"], batch["label"], jax.random.key(0))
         _, after_train = jitted(style, True)(params, state, batch["image"], batch["label"], jax.random.key(0))
@@ -191,7 +192,7 @@ def test_a_frozen_layer_s_statistics_still_follow_its_batches(digits):
     from shared.train import TrainConfig, train
 
     net = build("haiku")
-    params, state = build("jax").init(jax.random.key(3))
+    params, state = quick_init(MODEL, "jax", jax.random.key(3))
     result = train(net, digits, TrainConfig(epochs=1, train_only=("head/*",)), init_params=net.from_canonical(params),
                    init_state=net.state_from_canonical(state, 0), progress=False)
     before, after = flatten_canonical(params), flatten_canonical(net.to_canonical(result.params))
