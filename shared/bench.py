@@ -569,8 +569,8 @@ def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             # compute the same function is the parity tests' job (zoo/test_parity.py).
             ops = sum(n for _, _, n in row["linear_ops"])
             row["flops_note"] = (f"the same {ops} convolutions and matrix products; the other "
-                                 f"{row['flops_diff']:+,.0f} FLOPs are the elementwise work of the framework's "
-                                 "own BatchNorm (statistics, debiasing)")
+                                 f"{row['flops_diff']:+,.0f} FLOPs are elementwise work around them (the framework's "
+                                 "own BatchNorm statistics and debiasing, step counters)")
         row["bytes_ratio"] = (row["bytes_accessed"] / ref["bytes_accessed"]
                               if row["bytes_accessed"] and ref["bytes_accessed"] else None)
         row["examples_per_s"] = row["batch_size"] / (row["step_ms"] / 1e3)
