@@ -325,8 +325,10 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
     # static attributes (use_running_average, deterministic), not arrays.
     graphdefs = {}
     for train in (True, False):
-        if spec.train_mode:
-            abstract.train() if train else abstract.eval()
+        if spec.train_mode and train:
+            abstract.train()
+        elif spec.train_mode:
+            abstract.eval()
         graphdefs[train] = nnx.split(abstract, nnx.Param, nnx.BatchStat)[0]
 
     def init(key):
