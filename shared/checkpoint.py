@@ -260,10 +260,8 @@ class Saver:
     """The ``on_step`` hook that writes checkpoints of a run (see :func:`train`)."""
 
     def __init__(self, directory: Path, model: Model, dataset: data_lib.Dataset,
-                 config: train_lib.TrainConfig, log: train_lib.RunLog, *, save_every: int, keep: int,
-                 state_updates: int = 0):
+                 config: train_lib.TrainConfig, log: train_lib.RunLog, *, save_every: int, keep: int):
         self.directory, self.model, self.log = directory, model, log
-        self.state_updates = state_updates  # updates the state had seen at step 0 (--init-from)
         self.save_every = save_every
         self.steps_per_epoch = len(dataset.train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -285,7 +283,7 @@ class Saver:
         arrays = {f"{item}/{p}": {**_describe(v), "crc32": _crc(v)}
                   for item, flat in flats.items() for p, v in flat.items()}
         epoch, index = divmod(step, self.steps_per_epoch)
-        meta = {**self.meta, "step": step, "arrays": arrays, "state_updates": self.state_updates + step,
+        meta = {**self.meta, "step": step, "arrays": arrays, "state_updates": self.log.state_updates + step,
                 "data_order": {"epoch": epoch, "index": index, "steps_per_epoch": self.steps_per_epoch},
                 # Copies: Orbax writes the JSON in the background while the loop appends to the log.
                 "log": {"history": [dict(h) for h in self.log.history],
@@ -375,14 +373,17 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
     model_state = model.state_from_canonical(rebuild("state", canonical_state), meta["state_updates"])
     opt_state = from_canonical_tree(model, rebuild("opt_state", canonical_opt), like_opt)
     ema = model.from_canonical(rebuild("ema", canonical_params)) if config.ema is not None else None
-    log = train_lib.RunLog([dict(h) for h in meta["log"]["history"]], list(meta["log"]["step_losses"]))
+    log = train_lib.RunLog([dict(h) for h in meta["log"]["history"]], list(meta["log"]["step_losses"]),
+                           meta["state_updates"] - step)
     return train_lib.TrainState(jnp.asarray(step, jnp.int32), params, model_state, opt_state, ema), log
 
 
 def _canonical_shapes(model: Model) -> tuple[Any, Any]:
     """Shapes and dtypes of ``model``'s parameters and state in the canonical layout."""
-    return jax.eval_shape(lambda k: (lambda p, st: (model.to_canonical(p), model.state_to_canonical(st)))(
-        *model.init(k)), jax.random.key(0))
+    def canonical(key):
+        params, state = model.init(key)
+        return model.to_canonical(params), model.state_to_canonical(state)
+    return jax.eval_shape(canonical, jax.random.key(0))
 
 
 def read_variables(path: str | Path, model: Model) -> tuple[Any, Any, int]:
@@ -465,23 +466,20 @@ def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig
     if directory.exists() and not directory.is_dir():
         raise ZooError(f"checkpoint dir {directory} is a file, not a folder")
     found = steps(directory)
-    start, log, meta_updates = None, train_lib.RunLog(), 0
+    start, log = None, train_lib.RunLog(state_updates=init_updates)
     if resume:
         if not found:
             raise ZooError(f"nothing to resume: {directory} holds no complete checkpoint; "
                            "run without --resume to start")
         start, log = restore_state(directory, model, dataset, config, found[-1])
-        meta_updates = read_meta(directory, found[-1])["state_updates"]
     elif found:
         raise ZooError(f"{directory} already holds checkpoints (steps {', '.join(map(str, found))}); "
                        "pass --resume to continue that run, or choose another --checkpoint-dir")
     steps_per_epoch = max(len(dataset.train) // config.batch_size, 1)
-    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep,
-                  state_updates=(meta_updates - int(start.step)) if resume else init_updates)
+    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep)
     try:
         return train_lib.train(model, dataset, config, init_params=init_params, init_state=init_state,
-                               out_dir=out_dir,
-                               progress=progress, on_step=saver, start=start, log=log)
+                               out_dir=out_dir, progress=progress, on_step=saver, start=start, log=log)
     except train_lib.NonFiniteError as error:
         saver.close()
         kept = steps(directory)

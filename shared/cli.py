@@ -131,7 +131,7 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     """The hyperparameters given on the command line for ``args.model`` (the rest take defaults)."""
     spec = MODELS[args.model]
     given = {h.name: getattr(args, h.name) for h in spec.hparams if getattr(args, h.name, None) is not None}
-    others = [registry.hparam_flags()[name][0].flag for name in registry.hparam_flags()
+    others = [hparam.flag for name, (hparam, _) in registry.hparam_flags().items()
               if name not in spec.defaults and getattr(args, name, None) is not None]
     if others:
         raise ZooError(f"{args.model} does not take {', '.join(others)}; its hyperparameters are "

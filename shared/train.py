@@ -243,6 +243,9 @@ class RunLog:
 
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     step_losses: list[float] = dataclasses.field(default_factory=list)
+    # Training updates the model state had seen at step 0 (from --init-from): Haiku and
+    # Equinox need the total to debias their running averages again.
+    state_updates: int = 0
 
 
 def make_mesh(devices: int | None) -> Mesh:

@@ -90,9 +90,6 @@ def native_state_summary(style: str) -> dict[str, tuple]:
         return {name: (float(np.mean(v["hidden"])), int(v["counter"]))
                 for name, v in state.items() if name.endswith("stem_bn/~/mean_ema")
                 or name.endswith("stem_bn/~/var_ema")}
-    if style == "equinox":
-        canonical = net.state_to_canonical(state)["stem_bn"]
-        return {"mean": float(np.mean(canonical["mean"])), "var": float(np.mean(canonical["var"]))}
     canonical = net.state_to_canonical(state)["stem_bn"]
     return {"mean": float(np.mean(canonical["mean"])), "var": float(np.mean(canonical["var"]))}
 
