@@ -13,7 +13,14 @@ For every model and style this times the train step two ways:
   ``flax.struct`` pytree of the same params and optax state under the same
   ``jax.jit``, with ``apply_gradients`` doing ``optimizer.update`` +
   ``optax.apply_updates``: the same traced computation. Those three are
-  measured once and marked ``idiomatic_is_fast``.
+  measured once and marked ``idiomatic_is_fast``;
+- **guided**: what each framework's performance documentation recommends
+  against dispatch overhead: ``nnx.cached_partial`` over the ``nnx.jit`` step
+  (Flax's "Performance considerations" guide) and ``eqx.filter_jit`` over the
+  flattened leaves of the model and optimizer state (Equinox's "Low-overhead
+  training loops" trick). For plain JAX, Linen and Haiku the documented
+  pattern is the fast one: their rows say ``same_as: "fast"`` and carry its
+  measurement.
 
 Every step computes the same thing as :func:`shared.train.make_train_step`
 (same per-step key, same loss from :func:`shared.tasks.per_example`, same
@@ -73,7 +80,7 @@ from shared.registry import MODELS, NAMES, STYLES
 from shared.styles import Model
 from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step, write_json
 
-PATTERNS = ("fast", "idiomatic")
+PATTERNS = ("fast", "idiomatic", "guided")
 # Styles whose documented idiom is plain jax.jit over params and optimizer state: the fast pattern.
 IDIOMATIC_IS_FAST = ("jax", "flax", "haiku")
 API = {
@@ -84,6 +91,8 @@ API = {
     ("equinox", "fast"): "eqx.partition/combine + jax.jit",
     ("nnx", "idiomatic"): "nnx.Optimizer + nnx.jit",
     ("equinox", "idiomatic"): "eqx.filter_jit",
+    ("nnx", "guided"): "nnx.cached_partial(nnx.jit step)",
+    ("equinox", "guided"): "eqx.filter_jit on flat leaves",
 }
 # An HLO instruction converting dtypes: "%c = bf16[128,64]{1,0} convert(%p), ...".
 _CONVERT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convert\(")
@@ -113,6 +122,9 @@ class Case:
     advance: Callable[[tuple, Any], tuple]
     loss: Callable[[Any], jax.Array]
     params: int
+    # What compile_case lowers, when ``fn`` itself cannot be lowered (nnx.cached_partial
+    # returns a plain function over the same nnx.jit step).
+    lower: Callable[[], Any] | None = None
 
     @property
     def label(self) -> str:
@@ -147,15 +159,21 @@ def fast_case(model: Model, params: Any, model_state: Any, batch: dict[str, jax.
 
 
 def idiomatic_case(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
-                   config: TrainConfig, key: jax.Array) -> Case:
-    """The step as the framework's documentation writes it (NNX and Equinox)."""
-    builders = {"nnx": _nnx_idiomatic, "equinox": _equinox_idiomatic}
-    if model.style not in builders:
-        raise ZooError(f"{model.style}'s idiomatic step is the fast pattern; use fast_case")
+                   config: TrainConfig, key: jax.Array, pattern: str = "idiomatic") -> Case:
+    """The step as the framework's documentation writes it (NNX and Equinox).
+
+    ``pattern="guided"``: the same step the way the framework's performance
+    documentation recommends calling it.
+    """
+    builders = {("nnx", "idiomatic"): _nnx_idiomatic, ("equinox", "idiomatic"): _equinox_idiomatic,
+                ("nnx", "guided"): _nnx_guided, ("equinox", "guided"): _equinox_guided}
+    if (model.style, pattern) not in builders:
+        raise ZooError(f"{model.style}'s {pattern} step is the fast pattern; use fast_case")
     optimizer = make_optimizer(config, 10_000, None)
-    fn, args, advance, loss = builders[model.style](model, params, model_state, batch, optimizer, key)
-    return Case(model.name, model.style, "idiomatic", config.batch_size, model.precision, fn, args,
-                advance, loss, count_params(params))
+    fn, args, advance, loss, *lower = builders[model.style, pattern](model, params, model_state, batch,
+                                                                      optimizer, key)
+    return Case(model.name, model.style, pattern, config.batch_size, model.precision, fn, args,
+                advance, loss, count_params(params), *lower)
 
 
 def _finite(grads: Any, params: Any) -> Any:
@@ -170,14 +188,11 @@ def _to_float32(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
-def _nnx_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array], optimizer: Any,
-                   key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+def _nnx_step(model: Model, params: Any, model_state: Any, optimizer: Any,
+              key: jax.Array) -> tuple[Callable, Any, Any]:
+    """NNX's documented train step: ``nnx.Optimizer``, ``@nnx.jit``, ``nnx.value_and_grad``."""
     spec = model.spec
-    kwargs = spec.kwargs(model.in_shape, model.num_classes, model.hparams)
-    net = model.module(**kwargs, dtype=_compute_dtype(model), rngs=nnx.Rngs(0))
-    nnx.update(net, params)
-    if spec.state:
-        nnx.update(net, model_state)
+    net = model.as_module(params, model_state, True)
     net.train()  # NNX's default; BatchNorm then updates its statistics in place
     opt = nnx.Optimizer(net, optimizer, wrt=nnx.Param)
 
@@ -196,17 +211,33 @@ def _nnx_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str,
         opt.update(net, grads)
         return loss, _finite(grads, nnx.state(net, nnx.Param))
 
+    return train_step, net, opt
+
+
+def _nnx_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array], optimizer: Any,
+                   key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    train_step, net, opt = _nnx_step(model, params, model_state, optimizer, key)
     return train_step, (net, opt, batch), lambda args, out: args, lambda out: out[0]
 
 
-def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
-                       optimizer: Any, key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+def _nnx_guided(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array], optimizer: Any,
+                key: jax.Array) -> tuple[Callable, tuple, Callable, Callable, Callable]:
+    """``nnx.cached_partial``: the graph traversal of the model and optimizer is done once."""
+    train_step, net, opt = _nnx_step(model, params, model_state, optimizer, key)
+    cached = nnx.cached_partial(train_step, net, opt)
+    return cached, (batch,), lambda args, out: args, lambda out: out[0], lambda: train_step.lower(net, opt, batch)
+
+
+def _equinox_step(model: Model, params: Any, model_state: Any, optimizer: Any,
+                  key: jax.Array) -> tuple[Callable, Any, Any]:
+    """Equinox's documented train step on the module: ``eqx.filter_value_and_grad``, ``eqx.apply_updates``.
+
+    ``step(net, model_state, opt_state, batch, step) -> (net, model_state,
+    opt_state, step + 1, loss, finite)``, not yet jitted; the model state is
+    an ``eqx.nn.State`` (or None).
+    """
     spec = model.spec
-    kwargs = spec.kwargs(model.in_shape, model.num_classes, model.hparams)
-    make = eqx.nn.make_with_state(model.module) if spec.state else model.module
-    abstract = eqx.filter_eval_shape(lambda: make(**kwargs, key=jax.random.key(0)))
-    static = eqx.partition(abstract[0] if spec.state else abstract, eqx.is_array)[1]
-    net = eqx.combine(params, static)
+    net, model_state = model.as_module(params, model_state, True)
     compute = _compute_dtype(model)
 
     def cast(tree):
@@ -214,7 +245,6 @@ def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[
             return tree
         return jax.tree.map(lambda x: x.astype(compute) if eqx.is_inexact_array(x) else x, tree)
 
-    @eqx.filter_jit
     def train_step(net, model_state, opt_state, batch, step):
         step_key = jax.random.fold_in(key, step)
 
@@ -229,9 +259,39 @@ def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[
         net = eqx.apply_updates(net, updates)
         return net, model_state, opt_state, step + 1, loss, _finite(grads, eqx.filter(net, eqx.is_array))
 
+    return train_step, net, model_state
+
+
+def _equinox_idiomatic(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
+                       optimizer: Any, key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    """``@eqx.filter_jit`` on the step over the module itself."""
+    train_step, net, model_state = _equinox_step(model, params, model_state, optimizer, key)
     opt_state = optimizer.init(eqx.filter(net, eqx.is_array))
     args = (net, model_state, opt_state, batch, jnp.zeros((), jnp.int32))
-    return (train_step, args, lambda args, out: (out[0], out[1], out[2], args[3], out[3]), lambda out: out[4])
+    return (eqx.filter_jit(train_step), args, lambda args, out: (out[0], out[1], out[2], args[3], out[3]),
+            lambda out: out[4])
+
+
+def _equinox_guided(model: Model, params: Any, model_state: Any, batch: dict[str, jax.Array],
+                    optimizer: Any, key: jax.Array) -> tuple[Callable, tuple, Callable, Callable]:
+    """Equinox's "low-overhead training loops": ``eqx.filter_jit`` over the flattened leaves.
+
+    The model, its state and the optimizer state cross the jit boundary as
+    flat lists of leaves, unflattened inside, so nothing is flattened node by
+    node on each call.
+    """
+    train_step, net, model_state = _equinox_step(model, params, model_state, optimizer, key)
+    opt_state = optimizer.init(eqx.filter(net, eqx.is_array))
+    flat, treedef = jax.tree_util.tree_flatten((net, model_state, opt_state))
+
+    @eqx.filter_jit
+    def flat_step(flat, batch, step):
+        net, model_state, opt_state = jax.tree_util.tree_unflatten(treedef, flat)
+        net, model_state, opt_state, step, loss, finite = train_step(net, model_state, opt_state, batch, step)
+        return jax.tree_util.tree_leaves((net, model_state, opt_state)), step, loss, finite
+
+    args = (flat, batch, jnp.zeros((), jnp.int32))
+    return flat_step, args, lambda args, out: (out[0], args[1], out[1]), lambda out: out[2]
 
 
 def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *, in_shape: tuple[int, ...],
@@ -258,8 +318,9 @@ def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *
         model_state = jax.device_put(model.state_from_canonical(canonical[1], 0))
         if "fast" in patterns or style == "jax":
             cases.append(fast_case(model, params, model_state, device_batch, config, train_key))
-        if "idiomatic" in patterns and style not in IDIOMATIC_IS_FAST:
-            cases.append(idiomatic_case(model, params, model_state, device_batch, config, train_key))
+        for pattern in ("idiomatic", "guided"):
+            if pattern in patterns and style not in IDIOMATIC_IS_FAST:
+                cases.append(idiomatic_case(model, params, model_state, device_batch, config, train_key, pattern))
     return cases
 
 
@@ -272,7 +333,7 @@ def compile_case(case: Case) -> dict[str, Any]:
     The executable is cached, so the calls that follow do not compile again.
     """
     start = time.perf_counter()
-    compiled = case.fn.lower(*case.args).compile()
+    compiled = (case.lower() if case.lower is not None else case.fn.lower(*case.args)).compile()
     compile_s = time.perf_counter() - start
     compiled = getattr(compiled, "compiled", compiled)  # Equinox wraps jax's Compiled
     cost = compiled.cost_analysis()
@@ -527,13 +588,28 @@ def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
             # PRNG) are lowered once per process, and the first case timed would pay for them.
             compile_case(make_cases(name, (), batch, patterns=("fast",), **settings)[0])
             cases = make_cases(name, styles, batch, patterns=patterns, **settings)
-            rows += measure_group(cases, dataset=dataset, data_examples_per_s=loader[size],
-                                  feed_examples_per_s=feed[size], rounds=rounds, steps=steps, seed=seed,
-                                  on_round=lambda: bar.update(1))
+            rows += guided_aliases(measure_group(cases, dataset=dataset, data_examples_per_s=loader[size],
+                                                 feed_examples_per_s=feed[size], rounds=rounds, steps=steps,
+                                                 seed=seed, on_round=lambda: bar.update(1)), patterns)
             del cases
     finally:
         bar.close()
     return compare_to_reference(rows)
+
+
+def guided_aliases(rows: list[dict[str, Any]], patterns: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows, and a ``guided`` row beside each fast row of a style whose guided pattern is the fast one.
+
+    Plain JAX's, Linen's and Haiku's documentation recommend nothing beyond
+    ``jax.jit`` over the parameter and optimizer-state pytrees, which is the
+    fast pattern: the guided row is that measurement, with ``same_as: "fast"``.
+    """
+    out = []
+    for row in rows:
+        out.append({**row, "same_as": None})
+        if "guided" in patterns and row["pattern"] == "fast" and row["style"] in IDIOMATIC_IS_FAST:
+            out.append({**row, "pattern": "guided", "same_as": "fast"})
+    return out
 
 
 def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -600,14 +676,22 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
              f"{'x'.join(map(str, first['in_shape']))}, precision {first['precision']}, "
              f"{first['rounds']} interleaved rounds; 1-minute load average "
              f"{min(r['load_avg'] for r in rows):.1f} to {max(r['load_avg'] for r in rows):.1f}.", "",
-             "| model | batch | style | pattern | step ms | × jax | blocking ms | × jax | returns after ms "
-             "| ready on return | compile s | MFLOP | = jax | MB accessed | peak MB | params | data × | data+put × |",
-             "|" + "---|" * 18]
+             "| model | batch | style | pattern | step ms | × jax | flatten µs | blocking ms | × jax "
+             "| returns after ms | ready on return | compile s | MFLOP | = jax | MB accessed | peak MB | params "
+             "| data × | data+put × |",
+             "|" + "---|" * 19]
     for r in rows:
-        pattern = "fast = idiomatic" if r["idiomatic_is_fast"] else r["pattern"]
+        if r.get("same_as"):
+            continue  # the fast row's label says so
+        pattern = r["pattern"]
+        if r["idiomatic_is_fast"]:
+            guided = any(g.get("same_as") == "fast" and (g["model"], g["style"], g["batch_size"])
+                         == (r["model"], r["style"], r["batch_size"]) for g in rows)
+            pattern = "fast = idiomatic = guided" if guided else "fast = idiomatic"
         lines.append(
             f"| {r['model']} | {r['batch_size']} | {r['style']} | {pattern} | {r['step_ms']:.3f} "
             f"| {r['step_ratio']:.2f} ({r['step_ratio_iqr'][0]:.2f}–{r['step_ratio_iqr'][1]:.2f}) "
+            f"| {'' if r.get('pytree_us') is None else format(r['pytree_us'], '.0f')} "
             f"| {r['step_ms_blocking']:.3f} | {r['blocking_ratio']:.2f} "
             f"| {r['return_ms']:.3f} | {r['ready_on_return']:.0%} | {r['compile_s']:.2f} "
             f"| {_fmt(r['flops'], 1e6)} | {_flops_cell(r)} "
@@ -616,7 +700,9 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines.append("")
     lines.append("`step ms`: median over rounds of K chained steps with one `block_until_ready` at the end; "
                  "`× jax`: median over rounds of the ratio to plain JAX's time in the same round (in brackets "
-                 "the quartiles of those ratios: the noise); "
+                 "the quartiles of those ratios: the noise); `flatten µs`: what flattening a fast step's "
+                 "arguments and rebuilding its result costs per call, measured alone (jax.jit does both on "
+                 "every call); "
                  "`blocking ms`: median step when blocking after every call; `returns after`: median time "
                  "until the call gives control back to Python; `ready on return`: share of calls whose "
                  "result was already computed when they returned (100% = the call waits for the step); "
@@ -644,8 +730,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
                        f"arguments and rebuilding its result takes {worst['pytree_us']:.0f} us per call, "
                        f"plain JAX's {ref['pytree_us']:.0f} us")
         for r in at:
-            if r["pattern"] == "idiomatic":
-                out.append(f"batch {size}: {r['model']}/{r['style']} idiomatic ({r['api']}) "
+            if r["pattern"] in ("idiomatic", "guided") and not r.get("same_as"):
+                out.append(f"batch {size}: {r['model']}/{r['style']} {r['pattern']} ({r['api']}) "
                            f"{r['extra_ms']:+.3f} ms per step chained, {r['extra_ms_blocking']:+.3f} ms "
                            f"blocking, ready on return {r['ready_on_return']:.0%}")
         fastest = min(at, key=lambda r: r["step_ms"] / r["batch_size"])
@@ -653,6 +739,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
                    f"examples/s, {fastest['data_headroom']:.0f}x what the fastest step "
                    f"({fastest['model']}/{fastest['style']}) consumes; with the loop's device_put "
                    f"{fastest['feed_examples_per_s']:,.0f} examples/s, {fastest['feed_headroom']:.1f}x")
+    rows = [r for r in rows if not r.get("same_as")]  # an alias repeats the row it names
     failures = flops_failures(rows)
     notes = list(dict.fromkeys(r["flops_note"] for r in rows if r.get("flops_note")))
     for note in notes:
@@ -689,6 +776,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
 
+    rows = [r for r in rows if not r.get("same_as")]  # an alias is the bar of the pattern it names
     sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
     models = list(dict.fromkeys(r["model"] for r in rows))
     labels = list(dict.fromkeys((r["style"], r["pattern"]) for r in rows))
@@ -708,9 +796,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
                     low.append(bars[-1] - match[0]["step_ratio_iqr"][0])
                     high.append(match[0]["step_ratio_iqr"][1] - bars[-1])
             name = style if pattern == "fast" else f"{style} ({pattern})"
-            idiom = pattern == "idiomatic"
+            hatch = {"idiomatic": "//", "guided": ".."}.get(pattern)
             ax.bar(xs, [b - 1 for b in bars], width, bottom=1, label=name, color=f"C{j}",
-                   hatch="//" if idiom else None, edgecolor="white" if idiom else None, linewidth=0)
+                   hatch=hatch, edgecolor="white" if hatch else None, linewidth=0)
             ax.errorbar(xs, bars, yerr=[low, high], fmt="none", ecolor="dimgrey", elinewidth=0.8, capsize=1.5,
                         label="quartiles over rounds" if j == len(labels) - 1 else None)
             ax.plot(xs, dots, "o", color="black", markersize=3, label="blocking every call" if j == 0 else None)
@@ -758,7 +846,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--styles", type=choice_list(STYLES, "style"), default=STYLES,
                    help="comma separated (default: all; plain JAX is always measured as the reference)")
     p.add_argument("--patterns", type=choice_list(PATTERNS, "pattern"), default=PATTERNS,
-                   help="fast,idiomatic (default: both)")
+                   help="fast,idiomatic,guided (default: all three)")
     p.add_argument("--batch-size", type=positive_int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="batch sizes: a realistic one and a tiny one where dispatch dominates "
                         "(default: 128 8)")

@@ -90,6 +90,9 @@ def canonical_name(style: str, path: tuple) -> str:
         names = names[1:]
     if style == "nnx" and names and names[-1] == "value":
         names = names[:-1]  # an nnx.Variable's array sits under .value
+    if style == "equinox" and len(names) == 1 and isinstance(names[0], str):
+        # The adapter's flat dict: {"blocks.0.conv1.weight": ...}, attribute paths joined by dots.
+        names = [int(part) if part.isdigit() else part for part in names[0].split(".")]
     if style == "haiku":
         # {"vae/~/encoder/~/fc1": {"w": ...}}: drop the root module and the "~" separators.
         module, leaf = names

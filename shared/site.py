@@ -333,8 +333,9 @@ def differences(measured: dict[str, dict[str, Measured]],
             "nnx": f"the module object holds them; `nnx.split` gives (graphdef, state): {example['nnx']}",
             "haiku": f"`hk.transform` gives pure `init`/`apply`; a flat dict by module path: "
                      f"{example['haiku']}",
-            "equinox": f"the module is the pytree; `eqx.partition` splits out the arrays: "
-                       f"{example['equinox']}",
+            "equinox": f"the module is the pytree; `eqx.partition` splits out the arrays, which the "
+                       f"adapter keeps in a flat dict by attribute path (cheap for `jax.jit` to flatten; "
+                       f"`Model.as_module` rebuilds the module): {example['equinox']}",
         }, ("zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one",
             "zoo/test_parity.py::test_round_trip_is_exact")),
     ]

@@ -25,10 +25,13 @@ framework that sees the whole batch.
 Each adapter uses the fastest correct pattern for its framework: plain
 functions under ``jax.jit`` for every style, with NNX models split into a
 static graph and plain dicts of their arrays (``nnx.split``,
-``nnx.to_pure_dict``, ``nnx.merge``) and Equinox models split into arrays and
-static parts (``eqx.partition``/``eqx.combine``), rather than ``nnx.jit`` or
-``eqx.filter_jit``, whose Python-side dispatch costs time on every call (see
-``zoo bench``).
+``nnx.to_pure_dict``, ``nnx.merge``) and Equinox models split into static
+parts and a flat dict of their arrays keyed by attribute path
+(``"blocks.0.conv1.weight"``; ``eqx.partition``/``eqx.combine``), rather than
+``nnx.jit`` or ``eqx.filter_jit``, whose Python-side dispatch costs time on
+every call (see ``zoo bench``). Plain dicts, because ``jax.jit`` flattens them
+in C++ while modules and ``nnx.State`` are flattened node by node in Python.
+``Model.as_module`` gives the framework's own module back.
 """
 
 from __future__ import annotations
@@ -93,6 +96,11 @@ class Model:
     converter: Converter
     state_converter: StateConverter
     module: Any  # the framework's own object: a Linen/Haiku/NNX/Equinox module, or the jax module
+    # NNX and Equinox: the framework's own module holding these arrays,
+    # ``as_module(params, state, train)`` (an nnx.Module; an eqx.Module and its
+    # eqx.nn.State or None), for code written the framework's way. None for the
+    # styles whose native trees are already what their framework takes.
+    as_module: Callable[[Any, Any, bool], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -131,7 +139,8 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     kwargs = spec.kwargs(in_shape, num_classes, hparams)
     module = importlib.import_module(f"zoo.{style}.{name}")
     compute = jnp.bfloat16 if precision == "bfloat16" else None
-    init, apply, generate, native, state_converter = _BUILDERS[style](spec, module, kwargs, hparams, compute, in_shape)
+    init, apply, generate, native, state_converter, *as_module = _BUILDERS[style](spec, module, kwargs, hparams,
+                                                                                 compute, in_shape)
     apply = _checked(apply, name, style, in_shape)
     template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
     extra = spec.equinox_layouts(in_shape, hparams) if style == "equinox" and spec.equinox_layouts else {}
@@ -139,7 +148,7 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
         state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
         state_converter = _named_state(Converter(style, state_template))
     return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
-                 Converter(style, template, extra), state_converter, native)
+                 Converter(style, template, extra), state_converter, native, *as_module)
 
 
 def _checked(apply: Callable, name: str, style: str, in_shape: tuple[int, ...]) -> Callable:
@@ -159,7 +168,8 @@ def _cast(tree: Any, dtype: Any) -> Any:
 
 
 def _to_float32(out: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(jnp.float32), out)
+    """Outputs in float32 at least: a bfloat16 computation's come back as float32, float64 stays float64."""
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), out)
 
 
 def _split_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -230,36 +240,47 @@ def _haiku_state(spec: ModelSpec, template: Any, hparams: dict[str, Any]) -> Sta
                           tuple(f"{layer}/{stat}" for layer in layers for stat in ("mean", "var")))
 
 
-def _equinox_state(template_model: Any, template_state: Any) -> StateConverter:
-    """``eqx.nn.State`` is keyed by the layers' ``StateIndex`` markers: walk the model for them.
+def _equinox_layers(template_model: Any) -> list[tuple[str, Any]]:
+    """The model's ``eqx.nn.BatchNorm`` layers, each with its attribute path (``"blocks.0.bn1"``)."""
+    is_bn = lambda node: isinstance(node, eqx.nn.BatchNorm)  # noqa: E731
+    found = jax.tree_util.tree_flatten_with_path(template_model, is_leaf=is_bn)[0]
+    return [(_dotted(path), bn) for path, bn in found if is_bn(bn)]
+
+
+def _dotted(path: tuple) -> str:
+    """``blocks.0.conv1.weight``: a key path as the module's attribute path, PyTorch's state-dict names."""
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
+def _equinox_state(layers: list[tuple[str, Any]]) -> StateConverter:
+    """The adapter's flat Equinox state, ``{"stem_bn.mean", "stem_bn.var", "stem_bn.counter", ...}``.
 
     In ``mode="batch"`` an ``eqx.nn.BatchNorm`` keeps ``(mean, var)`` updated
     exactly like the canonical running statistics (from 0 and 1), and a
     counter of updates, which it uses to debias both at inference.
     """
-    is_bn = lambda node: isinstance(node, eqx.nn.BatchNorm)  # noqa: E731
-    found = jax.tree_util.tree_flatten_with_path(template_model, is_leaf=is_bn)[0]
-    layers = [(canonical_name("equinox", path), bn) for path, bn in found if is_bn(bn)]
 
-    def to_canonical(state):
+    def to_canonical(flat):
         out: Canonical = {}
-        for name, bn in layers:
-            mean, var = state.get(bn.batch_state_index)
-            _set(out, f"{name}/mean", mean)
-            _set(out, f"{name}/var", var)
+        for path, _ in layers:
+            name = canonical_name("equinox", (jax.tree_util.DictKey(path),))
+            _set(out, f"{name}/mean", flat[f"{path}.mean"])
+            _set(out, f"{name}/var", flat[f"{path}.var"])
         return out
 
     def from_canonical(canonical, updates):
-        # A fresh copy of the (abstract) template: State.set invalidates the object it is called on.
-        state = jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(template_state)))
-        for name, bn in layers:
-            state = state.set(bn.batch_state_index, (_get(canonical, f"{name}/mean"), _get(canonical, f"{name}/var")))
+        flat = {}
+        for path, _ in layers:
+            name = canonical_name("equinox", (jax.tree_util.DictKey(path),))
+            flat[f"{path}.mean"] = _get(canonical, f"{name}/mean")
+            flat[f"{path}.var"] = _get(canonical, f"{name}/var")
             # Equinox's counter is a weakly typed int (`jnp.array(0)`): so is a Python int's array.
-            state = state.set(bn.batch_counter, jnp.array(int(updates)))
-        return state
+            flat[f"{path}.counter"] = jnp.array(int(updates))
+        return flat
 
     return StateConverter(to_canonical, from_canonical,
-                          tuple(f"{name}/{stat}" for name, _ in layers for stat in ("mean", "var")))
+                          tuple(f"{canonical_name('equinox', (jax.tree_util.DictKey(path),))}/{stat}"
+                                for path, _ in layers for stat in ("mean", "var")))
 
 
 # --------------------------------------------------------------------------- the five adapters
@@ -355,7 +376,7 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
     if spec.kind == "vae":
         def generate(params, z, labels):
             return _to_float32(nnx.merge(graphdefs[False], params, {}).generate(z, labels))
-    return init, apply, generate, cls, None
+    return init, apply, generate, cls, None, lambda params, state, train: nnx.merge(graphdefs[train], params, state)
 
 
 def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
@@ -417,39 +438,70 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     def make(key):
         if spec.state:
             return eqx.nn.make_with_state(cls)(**kwargs, key=key)
-        return cls(**kwargs, key=key), {}
+        return cls(**kwargs, key=key), None
 
-    abstract = eqx.filter_eval_shape(lambda: make(jax.random.key(0))[0])
+    abstract, abstract_state = eqx.filter_eval_shape(lambda: make(jax.random.key(0)))
+    is_abstract = lambda leaf: isinstance(leaf, jax.ShapeDtypeStruct)  # noqa: E731
     # Training and inference differ in static fields (`inference`), so each
     # mode has its own static part.
     statics = {train: eqx.partition(eqx.nn.inference_mode(abstract, value=not train)
-                                    if spec.train_mode else abstract, eqx.is_array)[1]
+                                    if spec.train_mode else abstract, is_abstract)[1]
                for train in (True, False)}
+    # The arrays live in a flat dict keyed by attribute path ("blocks.0.conv1.weight"),
+    # the trick of Equinox's "low-overhead training loops": jax.jit flattens a
+    # dict of arrays in C++, where a tree of modules is flattened node by node in Python.
+    abstract_arrays = eqx.partition(abstract, is_abstract)[0]
+    paths = [_dotted(path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract_arrays)]
+    arrays_def = jax.tree_util.tree_structure(abstract_arrays)
+    layers = _equinox_layers(abstract)
+    if spec.state and len(jax.tree.leaves(abstract_state)) != 3 * len(layers):
+        raise ValueError(f"{spec.name} (equinox): state other than BatchNorm's is not mapped")
+
+    def flat_params(net):
+        return dict(zip(paths, arrays_def.flatten_up_to(eqx.partition(net, eqx.is_array)[0])))
+
+    def module(params, train):
+        return eqx.combine(arrays_def.unflatten([params[p] for p in paths]), statics[train])
+
+    def flat_state(state):
+        if not spec.state:
+            return {}
+        return {f"{path}.{stat}": value for path, bn in layers
+                for stat, value in zip(("mean", "var", "counter"),
+                                       (*state.get(bn.batch_state_index), state.get(bn.batch_counter)))}
+
+    def equinox_state(flat):
+        if not spec.state:
+            return None
+        # A fresh copy of the (abstract) template: State.set invalidates the object it is called on.
+        state = jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(abstract_state)))
+        for path, bn in layers:
+            state = state.set(bn.batch_state_index, (flat[f"{path}.mean"], flat[f"{path}.var"]))
+            state = state.set(bn.batch_counter, flat[f"{path}.counter"])
+        return state
 
     def init(key):
         net, state = make(key)
-        params, _ = eqx.partition(net, eqx.is_array)
-        return params, state
+        return flat_params(net), flat_state(state)
 
-    # The fast pattern: arrays and static parts partitioned once, combined
-    # inside the traced function, instead of eqx.filter_jit. Mixed precision
-    # is explicit casting of the parameter arrays and the inputs. The model
-    # acts on one example; the batch is a jax.vmap, with one key per example
-    # and, for BatchNorm, the batch axis named for its statistics.
+    # The fast pattern: the arrays' dict and the static parts combined inside
+    # the traced function, instead of eqx.filter_jit. Mixed precision is
+    # explicit casting of the parameter arrays and the inputs. The model acts
+    # on one example; the batch is a jax.vmap, with one key per example and,
+    # for BatchNorm, the batch axis named for its statistics.
     def apply(params, state, images, labels, key, train):
-        net = eqx.combine(_cast(params, compute), statics[train])
-        out, state = equinox_batch(spec, net, _cast(images, compute), labels, state, key)
-        return _to_float32(out), state
+        net = module(_cast(params, compute), train)
+        out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, equinox_state(state), key)
+        return _to_float32(out), flat_state(new_state)
 
     generate = None
     if spec.kind == "vae":
         def generate(params, z, labels):
-            net = eqx.combine(_cast(params, compute), statics[False])
+            net = module(_cast(params, compute), False)
             return _to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
-    converter = None
-    if spec.state:
-        converter = _equinox_state(abstract, jax.eval_shape(lambda: make(jax.random.key(0))[1]))
-    return init, apply, generate, cls, converter
+    converter = _equinox_state(layers) if spec.state else None
+    return init, apply, generate, cls, converter, lambda params, state, train: (module(params, train),
+                                                                                  equinox_state(state))
 
 
 def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Array, state: Any,
