@@ -14,6 +14,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+def pytest_collection_modifyitems(items):
+    """The heavy tests first (a stable sort): xdist hands tests out in this order, and a
+    minutes-long test handed out last would leave one worker idle while the other runs it."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 # The team's real MNIST test files, beside the project root (not the project's own shared/).
 MNIST_DIR = Path(__file__).resolve().parent.parent / "shared" / "data" / "mnist"
 

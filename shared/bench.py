@@ -676,6 +676,8 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
              f"{'x'.join(map(str, first['in_shape']))}, precision {first['precision']}, "
              f"{first['rounds']} interleaved rounds; 1-minute load average "
              f"{min(r['load_avg'] for r in rows):.1f} to {max(r['load_avg'] for r in rows):.1f}.", "",
+             "Step time as a ratio to plain JAX (median over rounds of the same round's ratio):", "",
+             ratio_table(rows),
              "| model | batch | style | pattern | step ms | × jax | flatten µs | blocking ms | × jax "
              "| returns after ms | ready on return | compile s | MFLOP | = jax | MB accessed | peak MB | params "
              "| data × | data+put × |",
@@ -712,6 +714,24 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
                  "same with the loop's `jax.device_put` of every batch.")
     for line in summary(rows):
         lines.append(f"- {line}")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A small Markdown table: per style and pattern, each model's step-time ratio to plain JAX, per batch size."""
+    rows = [r for r in rows if not r.get("same_as") and r["style"] != "jax"]
+    sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = ["| style | pattern | " + " | ".join(f"batch {b}: {', '.join(models)}" for b in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for style, pattern in dict.fromkeys((r["style"], r["pattern"]) for r in rows):
+        cells = []
+        for size in sizes:
+            ratio = {r["model"]: r["step_ratio"] for r in rows
+                     if (r["style"], r["pattern"], r["batch_size"]) == (style, pattern, size)}
+            cells.append(" / ".join(f"{ratio[m]:.2f}" if m in ratio else "–" for m in models))
+        label = "fast = idiomatic = guided" if style in IDIOMATIC_IS_FAST and pattern == "fast" else pattern
+        lines.append(f"| {style} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -121,6 +121,9 @@ def build_parser() -> Parser:
     p.add_argument("--out", help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start every style from these trained parameters (a checkpoint of any style)")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the extra reference run from parameters moved by one ulp, which measures how "
+                        "far rounding alone moves the result (the noise_floor and parity columns)")
 
     for module in (sample, bench, site, catalogue):  # subcommands defined next to the code they drive
         module.register(sub)
@@ -249,7 +252,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams_from(args))
     rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
                               progress=not args.no_progress, hparams=hparams_from(args),
-                              init_canonical=init_canonical, init_canonical_state=init_state)
+                              init_canonical=init_canonical, init_canonical_state=init_state,
+                              noise_floor=not args.no_noise_floor)
     out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
     train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
                            "config": dataclasses.asdict(config), "rows": rows})
@@ -260,6 +264,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"same initial parameters and batches for every style")
         print(compare.format_table(rows, MODELS[args.model].kind))
         print(f"wrote {out}")
+    different = [r["style"] for r in rows if r["parity"] == "DIFFERENT"]
+    if different:
+        print(f"zoo compare: {', '.join(different)} differ from plain JAX by more than the reference's own "
+              "drift from a one-ulp change of its start (the noise floor): not rounding", file=sys.stderr)
+        return 1
     return 0
 
 

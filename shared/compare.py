@@ -4,11 +4,20 @@ Every style starts from the same canonical parameters (the plain-JAX
 reference's initialiser, converted into each style), sees the same batches in
 the same order and the same per-step keys, so any difference in the trained
 parameters is the frameworks' own doing, down to float32 rounding.
+
+How large a difference rounding alone can make is measured, not assumed: the
+reference is trained once more from its initial parameters moved by one ulp
+(``jnp.nextafter``), and that run's largest difference from the reference is
+the row's ``noise_floor`` (``noise_floor_state`` for the running statistics).
+Each row's ``parity`` is then ``bitwise`` (no difference at all),
+``rounding`` (not above the noise floor) or ``DIFFERENT`` (above it: the style
+computes something else).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from shared import data as data_lib
 from shared import styles as styles_lib
@@ -17,19 +26,22 @@ from shared.train import Result, TrainConfig, count_params, max_abs_diff, train,
 from shared.registry import STYLES
 
 ROW_KEYS = ("style", "params", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
-            "max_param_diff", "max_state_diff")
+            "max_param_diff", "max_state_diff", "noise_floor", "noise_floor_state", "parity")
+PARITIES = ("bitwise", "rounding", "DIFFERENT")
 
 
 def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             styles: tuple[str, ...] = STYLES, *, precision: str = "float32",
             progress: bool = True, hparams: dict | None = None,
             init_canonical: dict | None = None,
-            init_canonical_state: dict | None = None) -> tuple[list[dict], dict[str, Result]]:
+            init_canonical_state: dict | None = None,
+            noise_floor: bool = True) -> tuple[list[dict], dict[str, Result]]:
     """Rows of the comparison (one per style) and each style's full result.
 
     ``max_state_diff`` is the largest difference of the model state (BatchNorm's
     running statistics) from the reference's, in the canonical layout; None
-    for a stateless model.
+    for a stateless model. ``noise_floor=False`` skips the one-ulp run: the
+    rows then have ``noise_floor`` None and a ``parity`` of ``bitwise`` or None.
     """
     hparams = hparams or {}
     config.validate()
@@ -48,6 +60,15 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     reference = results["jax"]
     reference_params = models["jax"].to_canonical(reference.params)
     reference_state = models["jax"].state_to_canonical(reference.model_state)
+    stateful = bool(jax.tree.leaves(reference_state))
+    floor = floor_state = None
+    if noise_floor:
+        moved = jax.tree.map(lambda x: jnp.nextafter(x, jnp.asarray(jnp.inf, x.dtype)), init_canonical)
+        noisy = train(models["jax"], dataset, config, init_params=models["jax"].from_canonical(moved),
+                      init_state=models["jax"].state_from_canonical(init_canonical_state, 0), progress=progress)
+        floor = max_abs_diff(models["jax"].to_canonical(noisy.params), reference_params)
+        floor_state = (max_abs_diff(models["jax"].state_to_canonical(noisy.model_state), reference_state)
+                       if stateful else None)
     rows = []
     for style in styles:
         result = results[style]
@@ -62,8 +83,11 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "step_ratio": result.step_ms / reference.step_ms,
             "max_param_diff": max_abs_diff(canonical, reference_params),
             "max_state_diff": (max_abs_diff(models[style].state_to_canonical(result.model_state), reference_state)
-                               if jax.tree.leaves(reference_state) else None),
+                               if stateful else None),
+            "noise_floor": floor,
+            "noise_floor_state": floor_state,
         }
+        row["parity"] = parity(row)
         if config.freeze or config.train_only:
             # Largest change of any frozen parameter from the common start: 0.0 means untouched.
             labels = models[style].converter.treedef.flatten_up_to(trainable_labels(models[style], config))
@@ -77,6 +101,17 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             row["ema_test_accuracy"] = result.final.get("ema_test_accuracy")
         rows.append(row)
     return rows, results
+
+
+def parity(row: dict) -> str | None:
+    """``bitwise``, ``rounding`` (within the one-ulp noise floor) or ``DIFFERENT``; None if unmeasured."""
+    diffs = [row["max_param_diff"]] + ([row["max_state_diff"]] if row["max_state_diff"] is not None else [])
+    if all(d == 0 for d in diffs):
+        return "bitwise"
+    if row["noise_floor"] is None:
+        return None
+    floors = [row["noise_floor"]] + ([row["noise_floor_state"]] if row["max_state_diff"] is not None else [])
+    return "rounding" if all(d <= f for d, f in zip(diffs, floors)) else "DIFFERENT"
 
 
 def format_table(rows: list[dict], kind: str) -> str:
@@ -94,6 +129,10 @@ def format_table(rows: list[dict], kind: str) -> str:
     ]
     if rows and rows[0].get("max_state_diff") is not None:
         columns.append(("max |state - jax|", lambda r: f"{r['max_state_diff']:.2e}"))
+    if rows and rows[0].get("noise_floor") is not None:
+        columns.append(("noise floor", lambda r: f"{r['noise_floor']:.2e}" + (
+            f" / {r['noise_floor_state']:.2e}" if r.get("noise_floor_state") is not None else "")))
+    columns.append(("parity", lambda r: r.get("parity") or "-"))
     if rows and "ema_test_loss" in rows[0]:
         columns.insert(4, ("EMA " + headline[0], lambda r: (
             f"{100 * r['ema_test_accuracy']:.2f}%" if kind == "classifier" else f"{r['ema_test_loss']:.3f}")))

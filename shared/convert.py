@@ -20,10 +20,12 @@ def convert(params: PyTree, model: str, src_style: str, dst_style: str, *,
     """Convert a model's parameters from one style to another, exactly.
 
     ``params`` is the source style's own parameter tree (a Linen ``params``
-    dict, a Haiku params dict, NNX parameters as ``nnx.to_pure_dict`` gives them, the array
-    leaves of an Equinox module from ``eqx.partition(model, eqx.is_array)``, or
-    the plain-JAX dict). The result is the destination style's tree, ready for
-    its ``apply`` (or for ``eqx.combine`` / ``nnx.merge``).
+    dict, a Haiku params dict, NNX parameters as ``nnx.to_pure_dict`` gives them, the
+    Equinox adapter's flat dict of the module's arrays by attribute path
+    (``{"blocks.0.conv1.weight": ...}``), or the plain-JAX dict). The result is
+    the destination style's tree, ready for its ``apply``; for NNX and Equinox,
+    ``styles.build(...).as_module(params, state, train)`` gives the framework's
+    own module holding it.
     """
     src = styles.build(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
     dst = styles.build(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)

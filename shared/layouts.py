@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shared.errors import ZooError
+
 PyTree = Any
 Canonical = dict[str, Any]
 
@@ -74,6 +76,8 @@ class LeafRule:
     native: str  # the leaf's path in the native tree, as jax.tree_util.keystr prints it
     canonical: str  # "/"-joined path in the canonical dict
     layout: Layout
+    native_shape: tuple[int, ...] = ()
+    canonical_shape: tuple[int, ...] = ()
 
 
 def _key_name(entry: Any) -> str | int:
@@ -144,7 +148,9 @@ class Converter:
             layout = style_layout(style, name, tuple(np.shape(leaf)))
             if name in extra:
                 layout = layout.then(extra.pop(name))
-            self.rules.append(LeafRule(jax.tree_util.keystr(path), name, layout))
+            shape = tuple(np.shape(leaf))
+            canonical_shape = tuple(jax.eval_shape(layout.forward, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
+            self.rules.append(LeafRule(jax.tree_util.keystr(path), name, layout, shape, canonical_shape))
         names = [rule.canonical for rule in self.rules]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
@@ -153,21 +159,54 @@ class Converter:
             raise ValueError(f"{style}: layout rules for unknown leaves {sorted(extra)}")
 
     def to_canonical(self, tree: PyTree) -> Canonical:
+        try:
+            leaves = self.treedef.flatten_up_to(tree)
+        except (ValueError, TypeError, KeyError) as err:
+            detail = (str(err).splitlines() or [""])[0]
+            raise ZooError(f"this is not the {self.style} tree of this model, whose leaves are "
+                           f"{_listing([r.native for r in self.rules])} (build the model with the "
+                           f"hyperparameters the tree was made with; {detail[:160]})") from None
         out: Canonical = {}
-        for rule, leaf in zip(self.rules, self.treedef.flatten_up_to(tree)):
+        for rule, leaf in zip(self.rules, leaves):
+            if not _is_placeholder(leaf):
+                _check_shape(f"{rule.canonical} ({self.style} {rule.native})", rule.native_shape, leaf)
             value = leaf if _is_placeholder(leaf) else rule.layout.forward(leaf)
             _set(out, rule.canonical, value)
         return out
 
     def from_canonical(self, canonical: Canonical) -> PyTree:
+        expected = {rule.canonical for rule in self.rules}
+        given = set(flatten_canonical(canonical)) if isinstance(canonical, Mapping) else set()
+        missing, extra = sorted(expected - given), sorted(given - expected)
+        if missing or extra:
+            raise ZooError("the parameters are not this model's: "
+                           + "; ".join(part for part in (f"missing {_listing(missing)}" if missing else "",
+                                                         f"unexpected {_listing(extra)}" if extra else "") if part)
+                           + " (build the model with the hyperparameters they were trained with)")
         leaves = []
         for rule in self.rules:
             value = _get(canonical, rule.canonical)
+            if not _is_placeholder(value):
+                _check_shape(rule.canonical, rule.canonical_shape, value)
             leaves.append(value if _is_placeholder(value) else rule.layout.backward(value))
         return self.treedef.unflatten(leaves)
 
     def canonical_paths(self) -> list[str]:
         return [rule.canonical for rule in self.rules]
+
+
+def _check_shape(path: str, expected: tuple[int, ...], value: Any) -> None:
+    shape = tuple(np.shape(value))
+    if shape != expected:
+        raise ZooError(f"{path}: expected shape {expected}, got {shape} (the model was built for another "
+                       "input shape or other hyperparameters; build it with the ones the parameters have)")
+    if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+        raise ZooError(f"{path}: expected an array of numbers, got dtype {value.dtype}")
+
+
+def _listing(names: list[str], at_most: int = 4) -> str:
+    shown = ", ".join(names[:at_most])
+    return shown + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
 
 def _is_placeholder(leaf: Any) -> bool:

@@ -144,9 +144,10 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     apply = _checked(apply, name, style, in_shape)
     template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
     extra = spec.equinox_layouts(in_shape, hparams) if style == "equinox" and spec.equinox_layouts else {}
+    state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
     if state_converter is None:
-        state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
         state_converter = _named_state(Converter(style, state_template))
+    state_converter = _shape_checked(state_converter, state_template)
     return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
                  Converter(style, template, extra), state_converter, native, *as_module)
 
@@ -190,6 +191,27 @@ def _named_state(converter: Converter) -> StateConverter:
     """State whose leaves are named like the canonical ones (plain JAX, Linen, NNX)."""
     return StateConverter(converter.to_canonical, lambda canonical, updates: converter.from_canonical(canonical),
                           tuple(converter.canonical_paths()))
+
+
+def _shape_checked(converter: StateConverter, template: Any) -> StateConverter:
+    """A state converter that refuses canonical state of other paths or shapes, in one line."""
+    shapes = {path: tuple(leaf.shape) for path, leaf in
+              flatten_canonical(jax.eval_shape(converter.to_canonical, template)).items()}
+
+    def from_canonical(canonical, updates):
+        given = flatten_canonical(canonical) if isinstance(canonical, dict) else {}
+        missing, extra = sorted(set(shapes) - set(given)), sorted(set(given) - set(shapes))
+        if missing or extra:
+            raise ZooError(f"the state is not this model's: missing {missing[:3] or 'nothing'}"
+                           f"{' and more' if len(missing) > 3 else ''}, unexpected {extra[:3] or 'nothing'}"
+                           f"{' and more' if len(extra) > 3 else ''}")
+        for path, value in given.items():
+            if tuple(jnp.shape(value)) != shapes[path]:
+                raise ZooError(f"state {path}: expected shape {shapes[path]}, got {tuple(jnp.shape(value))} "
+                               "(the model was built for other hyperparameters)")
+        return converter.from_canonical(canonical, updates)
+
+    return dataclasses.replace(converter, from_canonical=from_canonical)
 
 
 def _debias(hidden: jax.Array, decay: float, count: Any) -> jax.Array:

@@ -53,6 +53,17 @@ def test_every_row_has_every_field(rows):
     assert json.loads(json.dumps(rows)) == rows  # plain JSON
 
 
+def test_the_short_table_has_one_ratio_per_style_pattern_and_batch(rows):
+    table = bench.ratio_table(rows).splitlines()
+    assert table[0] == "| style | pattern | batch 8: mlp |"
+    by_label = {tuple(line.split(" | ")[:2]): line.rsplit(" | ", 1)[1].rstrip(" |") for line in table[2:]}
+    assert list(by_label) == [("| nnx", "fast"), ("| nnx", "idiomatic"), ("| nnx", "guided"),
+                              ("| equinox", "fast"), ("| equinox", "idiomatic"), ("| equinox", "guided")]
+    row = next(r for r in rows if (r["style"], r["pattern"]) == ("equinox", "guided"))
+    assert by_label["| equinox", "guided"] == f"{row['step_ratio']:.2f}"
+    assert table[2] in bench.format_markdown(rows)
+
+
 def test_reference_against_itself_is_one(rows):
     reference = rows[0]
     assert (reference["style"], reference["pattern"]) == ("jax", "fast")

@@ -98,6 +98,7 @@ def start_and_kill(args: list[str], directory: Path, log: Path, timeout: float =
     return checkpoint.steps(directory)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("style", STYLES)
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical_and_reruns_are_deterministic(style, data_dir,
                                                                                          tmp_path):
@@ -134,6 +135,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical_and_reruns_are_deter
     assert metrics(tmp_path / "b") == first
 
 
+@pytest.mark.heavy
 def test_a_haiku_checkpoint_resumes_in_equinox_with_the_same_running_statistics(digits, data_dir, tmp_path):
     """The ResNet: Haiku keeps zero-debiased averages with counters, Equinox (mode "batch") its
     own counters; the checkpoint holds the canonical statistics and the update count, so
@@ -515,6 +517,7 @@ print(json.dumps(report))
 '''
 
 
+@pytest.mark.heavy
 def test_data_parallel_over_four_devices_matches_one(data_dir, tmp_path):
     """Four CPU devices in a fresh process: each batch split four ways, the parameters replicated.
 
@@ -551,6 +554,7 @@ def test_data_parallel_over_four_devices_matches_one(data_dir, tmp_path):
     assert report["quarter_vs_whole_mean"] > 1e-3
 
 
+@pytest.mark.heavy
 def test_two_processes_train_as_one(data_dir, tmp_path):
     """The same command on two "hosts" (two processes with two CPU devices each, joined by
     jax.distributed over localhost) trains like one process on one device: the batch is split

@@ -1,5 +1,6 @@
 """The zoo command line: listing, training, comparing and its errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from shared import compare
 from shared.cli import main
 from shared.registry import NAMES, STYLES
 
@@ -81,4 +83,34 @@ def test_compare_json_rows(tmp_path):
                             "max_param_diff"}
         assert row["params"] == 26122
         assert row["max_param_diff"] < 1e-5  # two epochs: float32 rounding only
+        assert row["noise_floor"] > 0  # the reference from a one-ulp move of its start
+    # Linen lowers to the reference's ops; Equinox sums in another order, within the noise floor.
+    assert [r["parity"] for r in rows] == ["bitwise", "rounding"]
+    assert rows[0]["max_param_diff"] == 0 < rows[1]["max_param_diff"] <= rows[1]["noise_floor"]
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
+
+
+def test_a_style_beyond_the_noise_floor_is_different_and_fails(monkeypatch, digits, data_dir, tmp_path, capsys):
+    """A Haiku MLP that sees its inputs scaled by 1.01: the same parameters, another network."""
+    original = compare.styles_lib.build
+
+    def build(name, style, **kwargs):
+        model = original(name, style, **kwargs)
+        if style != "haiku":
+            return model
+        return dataclasses.replace(model, apply=lambda p, s, x, y, k, t: model.apply(p, s, 1.01 * x, y, k, t))
+
+    monkeypatch.setattr(compare.styles_lib, "build", build)
+    code = main(["compare", "mlp", "--epochs", "1", "--styles", "flax,haiku", "--json", "--no-progress",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "c.json")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    rows = json.loads(out)
+    assert [r["parity"] for r in rows] == ["bitwise", "DIFFERENT"]
+    assert rows[1]["max_param_diff"] > rows[1]["noise_floor"] > 0
+    assert err.strip().splitlines() == [err.strip()]  # one line, the dataset already built
+    assert "haiku differ" in err and "noise floor" in err
+    code = main(["compare", "mlp", "--epochs", "1", "--styles", "haiku", "--json", "--no-progress",
+                 "--no-noise-floor", "--data-dir", str(data_dir), "--out", str(tmp_path / "d.json")])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and rows[0]["noise_floor"] is None and rows[0]["parity"] is None

@@ -7,6 +7,7 @@ import pytest
 from shared import styles
 from shared.convert import Converter, convert, flatten_canonical
 from shared.errors import ZooError
+from shared.registry import STYLES
 
 
 def test_convert_flax_to_haiku_and_back_is_exact():
@@ -72,3 +73,49 @@ def test_bad_hyperparameter_and_shape_are_refused():
     params = model.init_params(jax.random.key(0))
     with pytest.raises(ZooError, match=r"built for images of shape \(8, 8, 1\)"):
         model.apply(params, {}, np.zeros((2, 28, 28, 1), np.float32), None, None, False)
+
+
+@pytest.fixture(scope="module")
+def wide_mlps():
+    """Every style's MLP (300, 100) parameters: not the default (128, 128) model's."""
+    return {s: styles.build("mlp", s, in_shape=(8, 8, 1), hidden_sizes=(300, 100)).init_params(jax.random.key(0))
+            for s in STYLES}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_mismatched_conversion_is_refused_in_one_line_with_style_as_source_and_as_target(style, wide_mlps):
+    others = [s for s in STYLES if s != style]
+    # As the source: a tree of the wrong widths.
+    with pytest.raises(ZooError) as err:
+        convert(wide_mlps[style], "mlp", style, others[0], in_shape=(8, 8, 1))
+    assert "\n" not in str(err.value) and "expected shape (128,), got (300,)" in str(err.value)
+    assert "layers_0/" in str(err.value)  # the canonical path
+    # As the target: canonical parameters of the wrong widths, and CNN parameters made for 28x28.
+    wide = styles.build("mlp", others[0], in_shape=(8, 8, 1), hidden_sizes=(300, 100)).to_canonical(
+        wide_mlps[others[0]])
+    with pytest.raises(ZooError, match=r"^layers_0/\w+: expected shape \((128,|64, 128)\), got \((300,|64, 300)\)"):
+        styles.build("mlp", style, in_shape=(8, 8, 1)).from_canonical(wide)
+    cnn = styles.build("cnn", "jax", in_shape=(28, 28, 1)).init_params(jax.random.key(0))
+    with pytest.raises(ZooError, match=r"^dense1/kernel: expected shape \(256, 256\), got \(3136, 256\)"):
+        styles.build("cnn", style, in_shape=(8, 8, 1)).from_canonical(cnn)  # canonical: the reference's tree
+    # A deeper MLP: other leaves altogether, whichever side.
+    deep = styles.build("mlp", style, in_shape=(8, 8, 1), hidden_sizes=(32, 32, 32)).init_params(jax.random.key(0))
+    with pytest.raises(ZooError) as err:
+        convert(deep, "mlp", style, others[0], in_shape=(8, 8, 1))
+    assert "\n" not in str(err.value)
+    canonical = styles.build("mlp", "jax", in_shape=(8, 8, 1), hidden_sizes=(32, 32, 32)).init_params(
+        jax.random.key(0))
+    with pytest.raises(ZooError, match="unexpected layers_3/bias, layers_3/kernel"):
+        styles.build("mlp", style, in_shape=(8, 8, 1), hidden_sizes=(32, 32)).from_canonical(canonical)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_mismatched_state_is_refused_in_one_line(style):
+    narrow = styles.build("resnet", "jax", in_shape=(8, 8, 1), width=4)
+    state = narrow.state_to_canonical(jax.eval_shape(narrow.init, jax.random.key(0))[1])
+    state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), state)
+    wide = styles.build("resnet", style, in_shape=(8, 8, 1), width=8)
+    with pytest.raises(ZooError, match=r"state blocks_0/bn1/mean: expected shape \(8,\), got \(4,\)"):
+        wide.state_from_canonical(state, 3)
+    with pytest.raises(ZooError, match="the state is not this model's: missing"):
+        wide.state_from_canonical({"stem_bn": state["stem_bn"]}, 3)
