@@ -175,24 +175,29 @@ class Converter:
         return out
 
     def from_canonical(self, canonical: Canonical) -> PyTree:
-        expected = {rule.canonical for rule in self.rules}
-        given = set(flatten_canonical(canonical)) if isinstance(canonical, Mapping) else set()
-        missing, extra = sorted(expected - given), sorted(given - expected)
-        if missing or extra:
-            raise ZooError("the parameters are not this model's: "
-                           + "; ".join(part for part in (f"missing {_listing(missing)}" if missing else "",
-                                                         f"unexpected {_listing(extra)}" if extra else "") if part)
-                           + " (build the model with the hyperparameters they were trained with)")
+        check_canonical(canonical, {rule.canonical: rule.canonical_shape for rule in self.rules}, "parameters")
         leaves = []
         for rule in self.rules:
             value = _get(canonical, rule.canonical)
-            if not _is_placeholder(value):
-                _check_shape(rule.canonical, rule.canonical_shape, value)
             leaves.append(value if _is_placeholder(value) else rule.layout.backward(value))
         return self.treedef.unflatten(leaves)
 
     def canonical_paths(self) -> list[str]:
         return [rule.canonical for rule in self.rules]
+
+
+def check_canonical(canonical: Any, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Refuse, in one line, canonical ``what`` (parameters, state) of other paths or shapes than ``shapes``."""
+    given = flatten_canonical(canonical) if isinstance(canonical, Mapping) else {}
+    missing, extra = sorted(set(shapes) - set(given)), sorted(set(given) - set(shapes))
+    if missing or extra:
+        raise ZooError(f"not this model's {what}: "
+                       + "; ".join(part for part in (f"missing {_listing(missing)}" if missing else "",
+                                                     f"unexpected {_listing(extra)}" if extra else "") if part)
+                       + " (build the model with the hyperparameters they were trained with)")
+    for path, value in given.items():
+        if not _is_placeholder(value):
+            _check_shape(path if what == "parameters" else f"{what} {path}", shapes[path], value)
 
 
 def _check_shape(path: str, expected: tuple[int, ...], value: Any) -> None:

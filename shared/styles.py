@@ -50,7 +50,7 @@ import jmp
 from flax import nnx
 
 from shared.errors import ZooError, check_choice
-from shared.layouts import Canonical, Converter, _get, _set, canonical_name, flatten_canonical
+from shared.layouts import Canonical, Converter, _get, _set, canonical_name, check_canonical, flatten_canonical
 from shared.registry import STYLES, ModelSpec, get
 
 PRECISIONS = ("float32", "bfloat16")
@@ -199,16 +199,7 @@ def _shape_checked(converter: StateConverter, template: Any) -> StateConverter:
               flatten_canonical(jax.eval_shape(converter.to_canonical, template)).items()}
 
     def from_canonical(canonical, updates):
-        given = flatten_canonical(canonical) if isinstance(canonical, dict) else {}
-        missing, extra = sorted(set(shapes) - set(given)), sorted(set(given) - set(shapes))
-        if missing or extra:
-            raise ZooError(f"the state is not this model's: missing {missing[:3] or 'nothing'}"
-                           f"{' and more' if len(missing) > 3 else ''}, unexpected {extra[:3] or 'nothing'}"
-                           f"{' and more' if len(extra) > 3 else ''}")
-        for path, value in given.items():
-            if tuple(jnp.shape(value)) != shapes[path]:
-                raise ZooError(f"state {path}: expected shape {shapes[path]}, got {tuple(jnp.shape(value))} "
-                               "(the model was built for other hyperparameters)")
+        check_canonical(canonical, shapes, "state")
         return converter.from_canonical(canonical, updates)
 
     return dataclasses.replace(converter, from_canonical=from_canonical)
@@ -281,19 +272,18 @@ def _equinox_state(layers: list[tuple[str, Any]]) -> StateConverter:
     exactly like the canonical running statistics (from 0 and 1), and a
     counter of updates, which it uses to debias both at inference.
     """
+    names = {path: canonical_name("equinox", (jax.tree_util.DictKey(path),)) for path, _ in layers}
 
     def to_canonical(flat):
         out: Canonical = {}
-        for path, _ in layers:
-            name = canonical_name("equinox", (jax.tree_util.DictKey(path),))
+        for path, name in names.items():
             _set(out, f"{name}/mean", flat[f"{path}.mean"])
             _set(out, f"{name}/var", flat[f"{path}.var"])
         return out
 
     def from_canonical(canonical, updates):
         flat = {}
-        for path, _ in layers:
-            name = canonical_name("equinox", (jax.tree_util.DictKey(path),))
+        for path, name in names.items():
             flat[f"{path}.mean"] = _get(canonical, f"{name}/mean")
             flat[f"{path}.var"] = _get(canonical, f"{name}/var")
             # Equinox's counter is a weakly typed int (`jnp.array(0)`): so is a Python int's array.
@@ -301,8 +291,7 @@ def _equinox_state(layers: list[tuple[str, Any]]) -> StateConverter:
         return flat
 
     return StateConverter(to_canonical, from_canonical,
-                          tuple(f"{canonical_name('equinox', (jax.tree_util.DictKey(path),))}/{stat}"
-                                for path, _ in layers for stat in ("mean", "var")))
+                          tuple(f"{name}/{stat}" for name in names.values() for stat in ("mean", "var")))
 
 
 # --------------------------------------------------------------------------- the five adapters

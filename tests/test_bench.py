@@ -18,7 +18,9 @@ from shared.cli import main
 from shared.registry import MODELS, NAMES
 from shared.train import TrainConfig
 
-TINY = {"mlp": {"hidden_sizes": (16,)}, "vae": {"latents": 2, "hidden": 8}, "resnet": {"width": 4}}
+# Small but whole: the ResNet keeps a stem, a plain block and a projection block (stride 2, 1x1 conv + BN).
+TINY = {"mlp": {"hidden_sizes": (16,)}, "vae": {"latents": 2, "hidden": 8},
+        "resnet": {"width": 4, "stage_sizes": (1, 1)}}
 
 
 @pytest.fixture(scope="module")

@@ -117,5 +117,5 @@ def test_mismatched_state_is_refused_in_one_line(style):
     wide = styles.build("resnet", style, in_shape=(8, 8, 1), width=8)
     with pytest.raises(ZooError, match=r"state blocks_0/bn1/mean: expected shape \(8,\), got \(4,\)"):
         wide.state_from_canonical(state, 3)
-    with pytest.raises(ZooError, match="the state is not this model's: missing"):
+    with pytest.raises(ZooError, match="not this model.s state: missing"):
         wide.state_from_canonical({"stem_bn": state["stem_bn"]}, 3)
