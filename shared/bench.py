@@ -73,7 +73,7 @@ from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
 from shared.files import atomic_path, write_text
-from shared.args import Parser, choice_list, positive_int
+from shared.args import choice_list, positive_int
 from shared.data import add_data_args
 from shared.errors import ZooError
 from shared.registry import MODELS, NAMES, STYLES
@@ -184,10 +184,6 @@ def _compute_dtype(model: Model) -> Any:
     return jnp.bfloat16 if model.precision == "bfloat16" else None
 
 
-def _to_float32(tree: Any) -> Any:
-    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-
-
 def _nnx_step(model: Model, params: Any, model_state: Any, optimizer: Any,
               key: jax.Array) -> tuple[Callable, Any, Any]:
     """NNX's documented train step: ``nnx.Optimizer``, ``@nnx.jit``, ``nnx.value_and_grad``."""
@@ -205,7 +201,7 @@ def _nnx_step(model: Model, params: Any, model_state: Any, optimizer: Any,
             if spec.rng:
                 args += (nnx.Rngs(**{spec.rng: step_key}),)
             outputs = net(*args)
-            return tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+            return tasks.per_example(model.kind, styles_lib.widen_to_float32(outputs), batch)["loss"].mean()
 
         loss, grads = nnx.value_and_grad(loss_fn)(net)
         opt.update(net, grads)
@@ -251,7 +247,7 @@ def _equinox_step(model: Model, params: Any, model_state: Any, optimizer: Any,
         def loss_fn(net):
             outputs, new_state = styles_lib.equinox_batch(spec, cast(net), cast(batch["image"]), batch["label"],
                                                           model_state, step_key)
-            loss = tasks.per_example(model.kind, _to_float32(outputs), batch)["loss"].mean()
+            loss = tasks.per_example(model.kind, styles_lib.widen_to_float32(outputs), batch)["loss"].mean()
             return loss, new_state
 
         (loss, model_state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(net)

@@ -168,7 +168,7 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def _to_float32(out: Any) -> Any:
+def widen_to_float32(out: Any) -> Any:
     """Outputs in float32 at least: a bfloat16 computation's come back as float32, float64 stays float64."""
     return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), out)
 
@@ -313,12 +313,12 @@ def _build_jax(spec, module, kwargs, hparams, compute, in_shape):
         args += [train] if spec.train_mode else []
         out = module.apply(*args, **apply_kwargs)
         out, state = out if spec.state else (out, state)
-        return _to_float32(out), state
+        return widen_to_float32(out), state
 
     generate = None
     if spec.kind == "vae":
         def generate(params, z, labels):
-            return _to_float32(module.generate(_cast(params, compute), _cast(z, compute), labels))
+            return widen_to_float32(module.generate(_cast(params, compute), _cast(z, compute), labels))
     return init, apply, generate, module, None
 
 
@@ -340,13 +340,13 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape):
         args = call_args(images, labels, rng_key(key) if spec.rng else None, train)
         if spec.state and train:
             out, updates = net.apply(variables, *args, mutable=["batch_stats"])
-            return _to_float32(out), dict(updates["batch_stats"])
-        return _to_float32(net.apply(variables, *args)), state
+            return widen_to_float32(out), dict(updates["batch_stats"])
+        return widen_to_float32(net.apply(variables, *args)), state
 
     generate = None
     if spec.kind == "vae":
         def generate(params, z, labels):
-            return _to_float32(net.apply({"params": params}, z, labels, method=net.generate))
+            return widen_to_float32(net.apply({"params": params}, z, labels, method=net.generate))
     return init, apply, generate, net, None
 
 
@@ -378,7 +378,7 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
         args = (images,) + ((labels,) if spec.labels else ())
         if spec.rng:
             args += (nnx.Rngs(**{spec.rng: key}),)
-        out = _to_float32(model(*args))
+        out = widen_to_float32(model(*args))
         if spec.state and train:
             state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return out, state
@@ -386,7 +386,7 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
     generate = None
     if spec.kind == "vae":
         def generate(params, z, labels):
-            return _to_float32(nnx.merge(graphdefs[False], params, {}).generate(z, labels))
+            return widen_to_float32(nnx.merge(graphdefs[False], params, {}).generate(z, labels))
     return init, apply, generate, cls, None, lambda params, state, train: nnx.merge(graphdefs[train], params, state)
 
 
@@ -427,15 +427,15 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
         args = call_args(images, labels, train)
         if spec.state:
             out, new_state = forward.apply(params, state, rng, *args)
-            return _to_float32(out), (new_state if train else state)
-        return _to_float32(forward.apply(params, rng, *args)), state
+            return widen_to_float32(out), (new_state if train else state)
+        return widen_to_float32(forward.apply(params, rng, *args)), state
 
     generate = None
     if spec.kind == "vae":
         sample = hk.transform(under_policy(lambda z, y: cls(**kwargs).generate(z, y)))
 
         def generate(params, z, labels):
-            return _to_float32(sample.apply(params, None, z, labels))
+            return widen_to_float32(sample.apply(params, None, z, labels))
     converter = None
     if spec.state:
         template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
@@ -503,13 +503,13 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     def apply(params, state, images, labels, key, train):
         net = module(_cast(params, compute), train)
         out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, equinox_state(state), key)
-        return _to_float32(out), flat_state(new_state)
+        return widen_to_float32(out), flat_state(new_state)
 
     generate = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             net = module(_cast(params, compute), False)
-            return _to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
+            return widen_to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
     converter = _equinox_state(layers) if spec.state else None
     return init, apply, generate, cls, converter, lambda params, state, train: (module(params, train),
                                                                                   equinox_state(state))
