@@ -10,6 +10,12 @@ import argparse
 import math
 from collections.abc import Callable
 
+# The largest count an option takes: steps and sizes are int32 on the device
+# (the step counter, the schedules, the array dimensions).
+MAX_COUNT = 2**31 - 1
+# Seeds are numpy's and JAX's unsigned 32-bit seeds.
+SEED_LIMIT = 2**32
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit status 2."""
@@ -18,8 +24,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(minimum: int, meaning: str) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``minimum``, named ``meaning`` in errors."""
+def int_at_least(minimum: int, meaning: str, maximum: int = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]``, named ``meaning`` in errors."""
 
     def parse(text: str) -> int:
         try:
@@ -28,6 +34,9 @@ def int_at_least(minimum: int, meaning: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
+        if value > maximum:
+            shown = text if len(text) <= 30 else text[:12] + "..." + text[-6:]
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {shown}")
         return value
 
     return parse
@@ -35,27 +44,60 @@ def int_at_least(minimum: int, meaning: str) -> Callable[[str], int]:
 
 positive_int = int_at_least(1, "a positive integer")
 non_negative_int = int_at_least(0, "an integer >= 0")
+seed = int_at_least(0, f"a seed from 0 to {SEED_LIMIT - 1}", SEED_LIMIT - 1)
 
 
-def positive_float(text: str) -> float:
+def _number(text: str, meaning: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {meaning}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, "a positive number")
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
-    """A number in [0, 1): a dropout rate or a moving-average decay."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    """A number in [0, 1): a dropout rate, a momentum or a moving-average decay."""
+    value = _number(text, "a number in [0, 1)")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text}")
     return value
+
+
+def open_fraction(text: str) -> float:
+    """A number in (0, 1): an EMA decay."""
+    value = _number(text, "a number between 0 and 1 (e.g. 0.99)")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (e.g. 0.99), got {text}")
+    return value
+
+
+def path_arg(text: str) -> str:
+    """A file or folder name: anything but the empty string (which would mean the current folder,
+    or nothing at all, depending on the option)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"a path cannot hold a NUL character, got {text!r}")
+    return text
+
+
+MAX_LIST = 100  # layers or stages: more would take minutes to trace, for no model anyone trains here
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -63,6 +105,8 @@ def int_list(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     if not parts or any(not p for p in parts):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if len(parts) > MAX_LIST:
+        raise argparse.ArgumentTypeError(f"at most {MAX_LIST} sizes, got {len(parts)}")
     return tuple(positive_int(p) for p in parts)
 
 

@@ -72,13 +72,14 @@ from tqdm.auto import tqdm
 from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
-from shared.files import atomic_path, write_text
-from shared.args import choice_list, positive_int
+from shared import files
+from shared.files import atomic_path, write_json, write_text
+from shared.args import choice_list, path_arg, positive_int, seed
 from shared.data import add_data_args
 from shared.errors import ZooError
 from shared.registry import MODELS, NAMES, STYLES
 from shared.styles import Model
-from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step, write_json
+from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step
 
 PATTERNS = ("fast", "idiomatic", "guided")
 # Styles whose documented idiom is plain jax.jit over params and optimizer state: the fast pattern.
@@ -872,22 +873,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="interleaved rounds; the medians are over these (default: 15)")
     p.add_argument("--steps", type=positive_int,
                    help="steps per case per round (default: enough for ~20 ms of the reference, 10-200)")
-    p.add_argument("--seed", type=int, default=0, help="initial parameters, batch and round order")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for bench.json, bench.md, bench.png "
-                                                            "(default: runs/bench)")
-    p.add_argument("--json", metavar="FILE", help="write the JSON rows here instead of OUT/bench.json")
+    p.add_argument("--seed", type=seed, default=0, help="initial parameters, batch and round order")
+    p.add_argument("--out", type=path_arg, default=str(DEFAULT_OUT),
+                   help="folder for bench.json, bench.md, bench.png (default: runs/bench)")
+    p.add_argument("--json", type=path_arg, metavar="FILE", help="write the JSON rows here instead of OUT/bench.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = files.output_dir(args.out, "--out")
+    json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "bench.json"
+    data_lib.check_dirs(args.dataset, args.data_dir, args.manual_dir)
     dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
     models = tuple(dict.fromkeys(args.models)) or NAMES
     rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
                  precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
                  steps=args.steps, seed=args.seed, progress=not args.no_progress)
-    out = Path(args.out)
-    json_path = Path(args.json) if args.json else out / "bench.json"
     table = format_markdown(rows)
     write_json(json_path, rows)
     write_text(out / "bench.md", table)

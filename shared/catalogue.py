@@ -33,7 +33,7 @@ from pygments.lexers import PythonLexer
 from pygments.token import Text
 
 import zoo
-from shared import registry
+from shared import files, registry
 from shared.args import choice_list, int_at_least
 from shared.errors import ZooError, check_choice
 from shared.registry import NAMES, STYLES
@@ -277,8 +277,11 @@ def _use_color(choice: str) -> bool:
     return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
+MAX_WIDTH = 2000  # five columns of 400 characters: wider than any screen, and a page of text stays small
+
+
 def run_show(args: argparse.Namespace) -> int:
-    width = args.width or max(20, shutil.get_terminal_size((100, 24)).columns)
+    width = args.width or min(max(20, shutil.get_terminal_size((100, 24)).columns), MAX_WIDTH)
     text = show_text(args.model, args.styles, width, color=_use_color(args.color),
                      encoding=getattr(sys.stdout, "encoding", None))
     sys.stdout.write(text)
@@ -306,6 +309,8 @@ class CopyCheckError(Exception):
 
 def destination(model: str, dest: str | Path) -> Path:
     """``DEST/<model>.py`` for a folder (made if missing), or ``DEST`` itself when it ends in ``.py``."""
+    if not str(dest).strip():
+        raise ZooError("DEST: expected a folder or a file path ending in .py, got an empty one")
     dest = Path(dest)
     if dest.suffix == ".py":
         if dest.is_dir():
@@ -323,6 +328,7 @@ def copy_model(model: str, style: str, dest: str | Path, *, force: bool = False)
     target = destination(model, dest)
     if target.exists() and not force:
         raise ZooError(f"{target} already exists; pass --force to overwrite it")
+    files.output_file(target, "DEST")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -529,7 +535,8 @@ def check_copies(style: str, copies: Sequence[tuple[Path, str]], *, timeout: flo
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cwd = Path(items[0]["dir"])
     try:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", CHECK_SCRIPT], input=json.dumps(spec),
+        # -B: the import writes no __pycache__ into the user's folder.
+        proc = subprocess.run([sys.executable, "-I", "-S", "-B", "-c", CHECK_SCRIPT], input=json.dumps(spec),
                               capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CopyCheckError(f"the check did not finish in {timeout:.0f} s") from None
@@ -592,8 +599,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "same row; stacked one after another when the terminal is too narrow.")
     p.add_argument("model", choices=NAMES)
     p.add_argument("--styles", type=style_list, default=STYLES, help="comma separated (default: all)")
-    p.add_argument("--width", type=int_at_least(20, "at least 20 characters"),
-                   help="characters per line, at least 20 (default: the terminal's width)")
+    p.add_argument("--width", type=int_at_least(20, "at least 20 characters", MAX_WIDTH),
+                   help=f"characters per line, 20 to {MAX_WIDTH} (default: the terminal's width)")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="syntax colours (default: when writing to a terminal and NO_COLOR is unset)")
     p.set_defaults(handler=run_show)

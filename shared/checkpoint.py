@@ -18,18 +18,28 @@ A checkpoint of step ``N`` lives in ``DIR/N/`` (an ``orbax.checkpoint``
   ``(epoch, index)``, the run's metrics so far, and the shape, dtype and CRC-32
   of every array. It is read and checked before any array is.
 
-Orbax writes each step into ``DIR/N.orbax-checkpoint-tmp-*`` and renames it
+Orbax writes each step into ``DIR/N.orbax-checkpoint-tmp`` and renames it
 into place once complete, so a crash during a save leaves the earlier steps as
-they were; an unfinished folder is never listed as a step, and is left alone.
+they were. An unfinished folder is never listed or read as a step; it stays
+until a later run saves step ``N`` again, which replaces it.
+
+One run writes to a folder at a time: :func:`locked` holds an exclusive
+``fcntl`` lock on ``DIR/.zoo-lock`` for the whole run, and a second writer is
+refused at its start, told the first one's pid. The kernel drops the lock when
+its process dies, however it dies, so a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import platform
+import socket
+import sys
 import zlib
 from importlib.metadata import version
 from collections.abc import Iterator
@@ -45,6 +55,7 @@ from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import train as train_lib
 from shared.errors import ZooError
+from shared.files import strict
 from shared.layouts import _key_name
 from shared.styles import Model
 
@@ -113,7 +124,91 @@ def _describe(array: Any) -> dict[str, Any]:
     return {"shape": list(np.shape(array)), "dtype": str(np.dtype(array.dtype))}
 
 
+# --------------------------------------------------------------------------- one writer per folder
+
+LOCK_NAME = ".zoo-lock"
+_held: dict[Path, int] = {}  # folders this process holds, with how many callers hold each
+
+
+@contextlib.contextmanager
+def locked(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory`` (a checkpoint folder, created if missing) for one writer, this process.
+
+    A second process is refused at once with a :class:`ZooError` naming the
+    holder's pid and host. Re-entrant within a process. On several hosts only
+    process 0 takes the lock: the others write into the same folder with it.
+    A lock file this call created is removed on the way out (still holding the
+    lock; a process that opened it meanwhile sees it is gone and tries again),
+    and so is a folder it created that is empty then: a run refused early leaves
+    nothing behind. A killed run leaves its lock file, which blocks no one.
+    """
+    directory = Path(directory).absolute()
+    if jax.process_index() > 0 or directory in _held:
+        _held[directory] = _held.get(directory, 0) + 1
+        try:
+            yield
+        finally:
+            _held[directory] -= 1
+            if not _held[directory]:
+                del _held[directory]
+        return
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    made_file = not path.exists()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ZooError(f"{directory} is in use by another zoo run ({holder}); wait for it to end, "
+                           "or choose another --checkpoint-dir") from None
+        try:  # the file may have been removed by its last holder between our open and flock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[directory] = 1
+    try:
+        yield
+    finally:
+        del _held[directory]
+        if made_file:
+            os.unlink(path)
+            if created and not any(directory.iterdir()):
+                os.rmdir(directory)
+        else:
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing releases the lock
+
+
 # --------------------------------------------------------------------------- orbax
+
+
+def _closed_loop_hook(previous):
+    """When a restore fails, tensorstore still completes the reads it had started, and their
+    callbacks land on Orbax's event loop, which is closed by then: "RuntimeError: Event loop
+    is closed", printed as unraisable, up to dozens of times after the refusal. Nothing is
+    lost (the restore has already failed); only that one message is dropped."""
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.zoo_closed_loop = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "zoo_closed_loop", False):
+    sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
 
 
 @contextlib.contextmanager
@@ -292,7 +387,8 @@ class Saver:
         if self.manager is None:
             self.manager = _manager(self.directory, read_only=False, keep=self.keep)
         with _quiet():
-            self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(strict(meta))),
+                              force=True)
 
     def close(self) -> None:
         """Wait for a save still being written, then release the folder."""
@@ -351,7 +447,7 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
         directory, step = resolve(directory)
     where = directory / str(step)
     meta = read_meta(directory, step)
-    _check_resumable(meta, model, dataset, config, where)
+    already_complete(where, model, dataset, config)  # refuses another run's, or one past the end of this
 
     steps_per_epoch = len(dataset.train) // config.batch_size
     optimizer = train_lib.make_optimizer(config, steps_per_epoch * config.epochs,
@@ -465,26 +561,48 @@ def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig
         raise ZooError("give either --resume or --init-from, not both")
     if directory.exists() and not directory.is_dir():
         raise ZooError(f"checkpoint dir {directory} is a file, not a folder")
-    found = steps(directory)
-    start, log = None, train_lib.RunLog(state_updates=init_updates)
-    if resume:
-        if not found:
-            raise ZooError(f"nothing to resume: {directory} holds no complete checkpoint; "
-                           "run without --resume to start")
-        start, log = restore_state(directory, model, dataset, config, found[-1])
-    elif found:
-        raise ZooError(f"{directory} already holds checkpoints (steps {', '.join(map(str, found))}); "
-                       "pass --resume to continue that run, or choose another --checkpoint-dir")
-    steps_per_epoch = max(len(dataset.train) // config.batch_size, 1)
-    saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch, keep=keep)
-    try:
-        return train_lib.train(model, dataset, config, init_params=init_params, init_state=init_state,
-                               out_dir=out_dir, progress=progress, on_step=saver, start=start, log=log)
-    except train_lib.NonFiniteError as error:
-        saver.close()
-        kept = steps(directory)
-        raise train_lib.NonFiniteError(
-            f"{error}; the newest checkpoint, from before it, is {directory / str(kept[-1])}" if kept
-            else f"{error}; no checkpoint was saved before it") from None
-    finally:
-        saver.close()
+    if resume and not directory.is_dir():
+        raise ZooError(f"nothing to resume: {directory} does not exist; run without --resume to start")
+    with locked(directory):  # the steps found stay the steps there: no other run writes meanwhile
+        found = steps(directory)
+        start, log = None, train_lib.RunLog(state_updates=init_updates)
+        if resume:
+            if not found:
+                raise ZooError(f"nothing to resume: {directory} holds no complete checkpoint; "
+                               "run without --resume to start")
+            start, log = restore_state(directory, model, dataset, config, found[-1])
+        elif found:
+            raise ZooError(f"{directory} already holds checkpoints (steps {', '.join(map(str, found))}); "
+                           "pass --resume to continue that run, or choose another --checkpoint-dir")
+        steps_per_epoch = max(len(dataset.train) // config.batch_size, 1)
+        saver = Saver(directory, model, dataset, config, log, save_every=save_every or steps_per_epoch,
+                      keep=keep)
+        try:
+            return train_lib.train(model, dataset, config, init_params=init_params, init_state=init_state,
+                                   out_dir=out_dir, progress=progress, on_step=saver, start=start, log=log)
+        except train_lib.NonFiniteError as error:
+            saver.close()
+            kept = steps(directory)
+            raise train_lib.NonFiniteError(
+                f"{error}; the newest checkpoint, from before it, is {directory / str(kept[-1])}" if kept
+                else f"{error}; no checkpoint was saved before it") from None
+        finally:
+            saver.close()
+
+
+def already_complete(directory: str | Path, model: Model, dataset: data_lib.Dataset,
+                     config: train_lib.TrainConfig) -> bool:
+    """Whether the newest checkpoint in ``directory`` (or the step folder given) has done every step of
+    ``config``'s run; refused unless ``model``, ``dataset`` and ``config`` may resume it at all.
+
+    A checkpoint beyond that (resumed with fewer ``--epochs`` than it has done) is refused.
+    """
+    folder, step = resolve(directory)
+    _check_resumable(read_meta(folder, step), model, dataset, config, folder / str(step))
+    total = len(dataset.train) // config.batch_size * config.epochs
+    if step > total:
+        epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
+        raise ZooError(f"cannot resume from {folder / str(step)}: it is at step {step}, past the {total} steps "
+                       f"of {epochs}; give --epochs {-(-step // max(total // config.epochs, 1))} "
+                       "or more (or leave --epochs out to take it from the checkpoint)")
+    return step == total

@@ -9,8 +9,8 @@ with exit status 2 and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +19,9 @@ from typing import Any
 import jax
 
 from shared import bench, catalogue, checkpoint, compare, data, registry, sample, site, styles, train
-from shared.args import Parser, choice_list, non_negative_int, positive_float, positive_int
+from shared import files
+from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, open_fraction,
+                         path_arg, positive_float, positive_int, seed)
 from shared.data import add_data_args
 from shared.errors import ZooError
 from shared.registry import MODELS, NAMES, STYLES
@@ -44,14 +46,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    + ", ".join(f"{m} {spec.epochs}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seeds parameters, batch order and noise (default: 0)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seeds parameters, batch order and noise, 0 to 2**32 - 1 (default: 0)")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="adamw's decoupled weight decay")
-    p.add_argument("--momentum", type=float, default=0.9, help="sgd momentum (0 for none)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                   help="adamw's decoupled weight decay, >= 0 (default: 1e-4)")
+    p.add_argument("--momentum", type=fraction, default=0.9, help="sgd momentum in [0, 1), 0 for none (default: 0.9)")
     p.add_argument("--schedule", choices=("constant", "warmup_cosine", "linear_warmup"), default="constant")
     p.add_argument("--warmup-steps", type=non_negative_int, default=0)
     p.add_argument("--clip-norm", type=positive_float, help="clip gradients to this global norm first")
-    p.add_argument("--ema", type=float, metavar="DECAY", help="also keep and evaluate an EMA of the parameters")
+    p.add_argument("--ema", type=open_fraction, metavar="DECAY", help="also keep and evaluate an EMA of the parameters")
     p.add_argument("--freeze", nargs="+", default=(), metavar="PATTERN",
                    help="freeze parameters whose canonical path matches, e.g. 'encoder*'")
     p.add_argument("--train-only", nargs="+", default=(), metavar="PATTERN",
@@ -63,14 +67,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="save checkpoints here (any style can resume them)")
+    p.add_argument("--checkpoint-dir", type=path_arg, metavar="DIR", help="save checkpoints here (any style can resume them)")
     p.add_argument("--save-every", type=positive_int, metavar="STEPS",
                    help="save every STEPS steps (default: at the end of every epoch); always at the end")
     p.add_argument("--keep", type=positive_int, metavar="N", help="keep the newest N checkpoints (default: 3)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir; options not given are "
                         "taken from it")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
+    p.add_argument("--init-from", type=path_arg, metavar="CHECKPOINT",
                    help="start from these trained parameters (any style; fresh optimiser, step 0)")
     p.add_argument("--distributed", action="store_true",
                    help="one process of a multi-host run: calls jax.distributed.initialize() (found by itself "
@@ -109,7 +113,7 @@ def build_parser() -> Parser:
     p.add_argument("--style", required=True, choices=STYLES)
     add_data_args(p)
     add_train_args(p)
-    p.add_argument("--out", help="output folder (default: runs/MODEL-STYLE-DATASET)")
+    p.add_argument("--out", type=path_arg, help="output folder (default: runs/MODEL-STYLE-DATASET)")
     add_checkpoint_args(p)
 
     p = sub.add_parser("compare", help="train one model in every style from the same start and compare")
@@ -118,8 +122,9 @@ def build_parser() -> Parser:
     add_data_args(p)
     add_train_args(p)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--out", help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
+    p.add_argument("--out", type=path_arg,
+                   help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
+    p.add_argument("--init-from", type=path_arg, metavar="CHECKPOINT",
                    help="start every style from these trained parameters (a checkpoint of any style)")
     p.add_argument("--no-noise-floor", action="store_true",
                    help="skip the extra reference run from parameters moved by one ulp, which measures how "
@@ -195,6 +200,15 @@ def start_distributed(args: argparse.Namespace) -> None:
                        "and TPU pods give --coordinator, --num-processes and --process-id") from None
 
 
+def check_train_paths(args: argparse.Namespace) -> Path:
+    """Every path ``zoo train`` reads or writes, checked before any work; returns the output folder."""
+    out = files.output_dir(args.out or f"runs/{args.model}-{args.style}-{args.dataset}", "--out")
+    if args.init_from:
+        files.input_path(args.init_from, "--init-from")
+    data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
         start_distributed(args)
@@ -206,32 +220,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name in ("save_every", "keep"):
         if getattr(args, name) is not None and not args.checkpoint_dir:
             raise ZooError(f"--{name.replace('_', '-')} needs --checkpoint-dir DIR")
-    if args.resume:
-        resume_from_checkpoint(args)
-    config = config_from(args)
-    config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
-    config.validate()
-    dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
-    model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
-                         precision=args.precision, **hparams_from(args))
-    init_params, init_state, init_updates = (checkpoint.read_variables(args.init_from, model)
-                                             if args.init_from else (None, None, 0))
-    out = Path(args.out or f"runs/{args.model}-{args.style}-{args.dataset}")
     if args.checkpoint_dir:
-        result = checkpoint.train(model, dataset, config, args.checkpoint_dir, save_every=args.save_every,
-                                  keep=args.keep or checkpoint.DEFAULT_KEEP, resume=args.resume,
-                                  init_params=init_params, init_state=init_state, init_updates=init_updates,
-                                  out_dir=out, progress=not args.no_progress)
-    else:
-        result = train.train(model, dataset, config, init_params=init_params, init_state=init_state,
-                             out_dir=out, progress=not args.no_progress)
-    saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir else []  # every process: Orbax syncs
+        if args.resume:
+            files.input_path(args.checkpoint_dir, "--checkpoint-dir", folder=True)
+        files.output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    # One writer per checkpoint folder, from before its checkpoint is read to the end of the run.
+    with checkpoint.locked(args.checkpoint_dir) if args.checkpoint_dir else contextlib.nullcontext():
+        if args.resume:
+            resume_from_checkpoint(args)
+        out = check_train_paths(args)
+        config = config_from(args)
+        config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
+        config.validate()
+        hparams = hparams_from(args)
+        dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+        model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
+                             precision=args.precision, **hparams)
+        if args.resume and checkpoint.already_complete(args.checkpoint_dir, model, dataset, config):
+            epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+            print(f"nothing to train: the newest checkpoint in {args.checkpoint_dir} already completes "
+                  f"the {epochs} of this run; give a larger --epochs to train further")
+            return 0
+        init_params, init_state, init_updates = (checkpoint.read_variables(args.init_from, model)
+                                                 if args.init_from else (None, None, 0))
+        if args.checkpoint_dir:
+            result = checkpoint.train(model, dataset, config, args.checkpoint_dir, save_every=args.save_every,
+                                      keep=args.keep or checkpoint.DEFAULT_KEEP, resume=args.resume,
+                                      init_params=init_params, init_state=init_state,
+                                      init_updates=init_updates, out_dir=out, progress=not args.no_progress)
+        else:
+            result = train.train(model, dataset, config, init_params=init_params, init_state=init_state,
+                                 out_dir=out, progress=not args.no_progress)
+        saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir else []  # every process: Orbax syncs
     if jax.process_index() > 0:
         return 0  # on several hosts, process 0 writes the outputs and reports
     final = result.final
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
-    print(f"{args.model}/{args.style} on {args.dataset}: {summary}; "
-          f"{result.step_ms:.2f} ms/step (median)")
+    timing = f"{result.step_ms:.2f} ms/step (median)" if result.step_ms is not None else "no step timed"
+    print(f"{args.model}/{args.style} on {args.dataset}: {summary}; {timing}")
     if model.kind == "vae":
         # Host copies: on several hosts a computation on the global arrays would need every process.
         sample.write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
@@ -245,6 +271,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     config = config_from(args)
     config.validate()
+    out = files.output_file(args.out or f"runs/compare-{args.model}-{args.dataset}.json", "--out", ".json")
+    if args.init_from:
+        files.input_path(args.init_from, "--init-from")
+    data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
+    hparams_from(args)
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
     init_canonical = init_state = None
     if args.init_from:
@@ -254,11 +285,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               progress=not args.no_progress, hparams=hparams_from(args),
                               init_canonical=init_canonical, init_canonical_state=init_state,
                               noise_floor=not args.no_noise_floor)
-    out = Path(args.out or f"runs/compare-{args.model}-{args.dataset}.json")
-    train.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
+    files.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
                            "config": dataclasses.asdict(config), "rows": rows})
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(files.dumps(rows))
     else:
         print(f"{args.model} on {args.dataset}, {config.epochs} epochs, batch {config.batch_size}, "
               f"same initial parameters and batches for every style")
@@ -289,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except train.NonFiniteError as error:
         print(f"zoo: training stopped: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # checked paths can still fail: a full disk, a folder removed meanwhile
+        print(f"zoo: error: {files.describe(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)

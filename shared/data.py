@@ -23,17 +23,22 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grain
 from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from shared import mnist
+from shared import files, mnist
+from shared.args import path_arg
 from shared.errors import ZooError, check_choice
 
 DATASETS = ("digits", "mnist", "fashion_mnist")
@@ -43,13 +48,37 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     """The dataset options every subcommand that reads data takes."""
     p.add_argument("--dataset", default="digits", choices=DATASETS,
                    help="digits (embedded, offline), mnist or fashion_mnist (default: digits)")
-    p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    p.add_argument("--manual-dir", help="folder holding the original MNIST/Fashion-MNIST .gz files, for offline use")
+    p.add_argument("--data-dir", type=path_arg,
+                   help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", type=path_arg,
+                   help="folder holding the original MNIST/Fashion-MNIST .gz files, for offline use")
+
+
+def check_dirs(name: str, data_dir: str | os.PathLike | None = None,
+               manual_dir: str | os.PathLike | None = None) -> None:
+    """The data dir can hold (or already holds) dataset ``name``, and the manual dir is a folder.
+
+    Called before any work starts; :func:`load` checks the same, later.
+    """
+    check_choice("dataset", name, DATASETS)
+    if manual_dir is not None and Path(manual_dir).expanduser().exists():
+        # (One that does not exist yet is where MNIST's error will say to put its files.)
+        files.input_path(manual_dir, "--manual-dir", folder=True)
+    folder = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    what = "--data-dir" if data_dir else ("$TFDS_DATA_DIR" if os.environ.get("TFDS_DATA_DIR") else "the data dir")
+    if folder.exists() and not folder.is_dir():
+        raise ZooError(f"{what} {folder} is a file, not a folder; give a folder for the datasets")
+    cls = _builder_class(name)
+    if (folder / cls.name / str(cls.VERSION)).is_dir():
+        files.input_path(folder, what, folder=True)  # built already: a read-only data dir is fine
+    else:
+        files.output_dir(folder, what)
 
 
 class ZooDigits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 8x8 handwritten digits, with a fixed train/test split."""
 
+    REBUILT_WHEN_DAMAGED = True  # about a second, offline: no reason to ask the user
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Every fifth image is in test."}
 
@@ -112,9 +141,14 @@ def _builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """Serialise builds of one dataset across processes (parallel tests, two shells)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    """Serialise builds (and checks) of one dataset across processes (parallel tests, two shells)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except PermissionError:  # a read-only data dir, shared by a team: nothing is built in it, nothing to lock
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -122,16 +156,88 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# Written beside a dataset once it is built: the size and sha256 of every file, checked before every read.
+CHECKSUMS = "zoo-checksums.json"
+
+
+def _file_sums(folder: Path) -> dict[str, dict[str, Any]]:
+    sums = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CHECKSUMS:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            sums[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return sums
+
+
+def _builder(cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path) -> tfds.core.DatasetBuilder:
+    return cls(data_dir=str(data_dir), file_format="array_record")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _damage(cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path, folder: Path) -> str | None:
+    """What is wrong with the built dataset in ``folder`` (None: nothing), by the checksums written at
+    build time.
+
+    A dataset built before the checksums existed is read once in full; if that works, its
+    checksums are recorded now.
+    """
+    record = folder / CHECKSUMS
+    if not record.exists():
+        try:  # TFDS reads dataset_info.json as it makes the builder
+            builder = _builder(cls, data_dir)
+            if not builder.is_prepared():
+                return "its dataset_info.json is missing"
+            _read(builder)
+        except Exception as error:  # Riegeli, TFDS and JSON errors: all mean a damaged cache here
+            return f"it cannot be read: {_first_line(error)}"
+        with contextlib.suppress(PermissionError):  # a read-only data dir: checked now, recorded by its owner
+            files.write_text(record, json.dumps(_file_sums(folder), indent=2) + "\n")
+        return None
+    try:
+        expected = json.loads(record.read_text())
+    except ValueError:
+        return f"its {CHECKSUMS} is not valid JSON"
+    found = _file_sums(folder)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        return f"{missing[0]} is missing"
+    for name, want in expected.items():
+        if found[name] != want:
+            what = "size" if found[name]["size"] != want["size"] else "sha256"
+            return f"{name} does not have its recorded {what}"
+    return None
+
+
 def prepare(name: str, data_dir: str | os.PathLike | None = None,
             manual_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
-    """Build ``name`` into the data dir unless it is there already; return its builder."""
-    check_choice("dataset", name, DATASETS)
+    """Build ``name`` into the data dir unless it is there already and whole; return its builder.
+
+    A built dataset is checked against the checksums recorded when it was built. A damaged
+    digits cache is rebuilt at once (it takes a second); a damaged MNIST cache is refused with
+    the folder to delete, since rebuilding it needs the original files.
+    """
+    check_dirs(name, data_dir, manual_dir)
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     cls = _builder_class(name)
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about a not-yet-built folder
-    builder = cls(data_dir=str(data_dir), file_format="array_record")
+    folder = data_dir / cls.name / str(cls.VERSION)
     # TFDS prints its build messages to stdout: keep stdout for results (zoo compare --json).
     with _lock(data_dir / f".{cls.name}.lock"), contextlib.redirect_stdout(sys.stderr):
+        problem = _damage(cls, data_dir, folder) if folder.exists() else None
+        if problem and getattr(cls, "REBUILT_WHEN_DAMAGED", False):
+            print(f"zoo: the {name} dataset in {folder} was damaged ({problem}); rebuilding it", file=sys.stderr)
+            shutil.rmtree(folder)
+        elif problem:
+            raise ZooError(f"the {name} dataset in {folder} is damaged ({problem}); delete {folder} and run "
+                           f"again to rebuild it (offline, give the original .gz files with --manual-dir)")
+        builder = _builder(cls, data_dir)
         if not builder.is_prepared():
             tfds.disable_progress_bar()
             config = tfds.download.DownloadConfig(
@@ -143,6 +249,7 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None,
             except PermissionError as error:
                 raise ZooError(f"cannot write the dataset to {data_dir}: {error}; "
                                "pick another folder with --data-dir") from None
+            files.write_text(folder / CHECKSUMS, json.dumps(_file_sums(folder), indent=2) + "\n")
     return builder
 
 
@@ -153,14 +260,24 @@ def read_split(source) -> Split:
     return Split(images, labels)
 
 
+def _read(builder: tfds.core.DatasetBuilder) -> Dataset:
+    sources = tfds.data_source(builder.name, data_dir=builder.data_dir_root,
+                               builder_kwargs={"file_format": "array_record"})
+    num_classes = builder.info.features["label"].num_classes
+    name = next(n for n in DATASETS if _builder_class(n).name == builder.name)
+    return Dataset(name, read_split(sources["train"]), read_split(sources["test"]), num_classes)
+
+
 def load(name: str, data_dir: str | os.PathLike | None = None,
          manual_dir: str | os.PathLike | None = None) -> Dataset:
     """Build (first time only) and read a dataset into memory."""
     builder = prepare(name, data_dir, manual_dir)
-    sources = tfds.data_source(builder.name, data_dir=builder.data_dir_root,
-                               builder_kwargs={"file_format": "array_record"})
-    num_classes = builder.info.features["label"].num_classes
-    return Dataset(name, read_split(sources["train"]), read_split(sources["test"]), num_classes)
+    try:
+        return _read(builder)
+    except Exception as error:  # changed between the check and the read: still one line
+        folder = Path(builder.data_dir)
+        raise ZooError(f"the {name} dataset in {folder} cannot be read ({_first_line(error)}); "
+                       f"delete {folder} and run again to rebuild it") from None
 
 
 def train_batches(split: Split, batch_size: int, seed: int, epoch: int) -> grain.MapDataset:

@@ -1,12 +1,110 @@
-"""Writing results without ever leaving half a file behind."""
+"""Files and folders: checked before any work starts, written without ever leaving half a file behind."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from shared.errors import ZooError
+
+
+# --------------------------------------------------------------------------- checks before the work
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor)
+
+
+def _probe(folder: Path, what: str, path: Path) -> None:
+    """Create and remove a file in ``folder``. ``os.access`` alone is not enough: it says yes
+    to root everywhere, and yes to anyone on some file systems that refuse every write."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".zoo-write-check-", dir=folder)
+    except OSError as error:
+        raise ZooError(f"{what} {path}: cannot write in {folder} ({error.strerror or error}); "
+                       "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _check_parents(path: Path, what: str) -> None:
+    """The folders above ``path`` exist as folders we can write in, or can be made in one."""
+    ancestor = _nearest_existing(path.absolute().parent)
+    if not ancestor.is_dir():
+        raise ZooError(f"{what} {path}: {ancestor} is a file, not a folder; choose another path")
+    _probe(ancestor, what, path)
+
+
+def output_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder this process can create or write into, else a :class:`ZooError` naming ``what``
+    (the option, e.g. ``--out``). Nothing is created."""
+    path = _non_empty(path, what)
+    if path.exists():
+        if not path.is_dir():
+            raise ZooError(f"{what} {path} is a file, not a folder; give a folder (a new name is fine)")
+        _probe(path, what, path)
+    else:
+        _check_parents(path, what)
+    return path
+
+
+def output_file(path: str | os.PathLike, what: str, suffix: str | None = None) -> Path:
+    """``path`` as a file this process can (re)place, else a :class:`ZooError`. With ``suffix``
+    (``".json"``), a name without one gets it and a name with another is refused."""
+    path = _non_empty(path, what)
+    if path.is_dir():
+        raise ZooError(f"{what} {path} is a folder; give a file name"
+                       + (f" ending in {suffix}" if suffix else ""))
+    if suffix is not None:
+        if not path.suffix:
+            path = path.with_name(path.name + suffix)
+        elif path.suffix.lower() != suffix:
+            raise ZooError(f"{what} {path}: the file is written as {suffix[1:].upper()}; "
+                           f"give a name ending in {suffix} (or none, and {suffix} is added)")
+        if path.is_dir():
+            raise ZooError(f"{what} {path} is a folder; give a file name ending in {suffix}")
+    _check_parents(path, what)
+    return path
+
+
+def input_path(path: str | os.PathLike, what: str, *, folder: bool | None = None) -> Path:
+    """``path`` as something that exists (a folder if ``folder``, a file if ``folder`` is False)."""
+    path = _non_empty(path, what)
+    if not path.exists():
+        raise ZooError(f"{what} {path} does not exist")
+    if folder and not path.is_dir():
+        raise ZooError(f"{what} {path} is a file; give a folder")
+    if folder is False and path.is_dir():
+        raise ZooError(f"{what} {path} is a folder; give a file")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ZooError(f"{what} {path} cannot be read (permission denied)")
+    return path
+
+
+def _non_empty(path: str | os.PathLike, what: str) -> Path:
+    if not str(path).strip():
+        raise ZooError(f"{what}: expected a path, got an empty one")
+    return Path(path).expanduser()
+
+
+def describe(error: OSError) -> str:
+    """One line for an ``OSError``: which path and what went wrong."""
+    where = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
+    what = error.strerror or str(error) or type(error).__name__
+    return f"{where}: {what}" if where else what
+
+
+# --------------------------------------------------------------------------- writing
 
 
 @contextlib.contextmanager
@@ -29,6 +127,63 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it takes ``path``'s place.
+
+    The old folder is moved aside, the new one renamed into place, then the old
+    one removed: a failure while building leaves the old folder untouched, and
+    the swap itself is two renames.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def strict(payload: Any) -> Any:
+    """``payload`` in JSON's own types, with ``null`` for every NaN or infinity (which strict
+    parsers reject) and plain floats for numpy and JAX scalars."""
+    if isinstance(payload, dict):
+        return {str(k): strict(v) for k, v in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [strict(v) for v in payload]
+    if isinstance(payload, (str, bool, type(None))):
+        return payload
+    if isinstance(payload, int):
+        return int(payload)
+    kind = getattr(getattr(payload, "dtype", None), "kind", "f")
+    if kind == "b":
+        return bool(payload)
+    if kind in "iu":
+        return int(payload)
+    value = float(payload)
+    return value if math.isfinite(value) else None
+
+
+def dumps(payload: Any) -> str:
+    """Strict JSON: ``allow_nan=False`` after :func:`strict`, so no ``NaN`` is ever written."""
+    return json.dumps(strict(payload), indent=2, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write strict JSON atomically: a crash leaves the old file or the new one, never half."""
+    write_text(path, dumps(payload) + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

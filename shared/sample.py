@@ -11,11 +11,15 @@ import numpy as np
 
 from PIL import Image
 
-from shared import checkpoint
+from shared import checkpoint, files
+from shared.args import int_at_least, path_arg, seed
 from shared.errors import ZooError
 from shared.files import atomic_path
 from shared.registry import MODELS, STYLES
 from shared.styles import Model
+
+
+MAX_PER_CLASS = 1000  # a row of 1,000 images is a PNG 30,000 pixels wide
 
 
 def sample_images(model: Model, params: Any, per_class: int = 10, seed: int = 0) -> np.ndarray:
@@ -53,17 +57,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", choices=[name for name, spec in MODELS.items() if spec.kind == "vae"])
     p.add_argument("--style", required=True, choices=STYLES,
                    help="the style to sample with (any style can read any checkpoint)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by zoo train --checkpoint-dir")
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--checkpoint", type=path_arg, required=True,
+                   help="a checkpoint folder written by zoo train --checkpoint-dir")
+    p.add_argument("--per-class", type=int_at_least(1, "a positive integer", MAX_PER_CLASS), default=10,
+                   help=f"samples per class, 1 to {MAX_PER_CLASS} (default: 10)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=path_arg, default="samples.png",
+                   help="the PNG to write (.png is added to a name without an extension; default: samples.png)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    out = files.output_file(args.out, "--out", ".png")
+    files.input_path(args.checkpoint, "--checkpoint")
     model, params, _ = checkpoint.load_variables(args.checkpoint, args.style, expect_model=args.model)
-    if args.per_class < 1:
-        raise ZooError(f"--per-class must be a positive integer, got {args.per_class}")
-    path = write_grid(model, params, args.out, args.per_class, args.seed)
+    path = write_grid(model, params, out, args.per_class, args.seed)
     print(f"wrote {path}")
     return 0

@@ -25,7 +25,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,9 @@ from markupsafe import Markup, escape
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
-from shared import catalogue
+from shared import catalogue, files
 from shared import styles as styles_lib
-from shared.args import choice_list
+from shared.args import choice_list, path_arg
 from shared.catalogue import ALIGN_ORDER, ANCHOR, REFERENCE, TITLES
 from shared.errors import ZooError
 from shared.files import write_text
@@ -458,37 +458,85 @@ def _mtime(path: Path) -> str:
     return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+# What the pages read of each kind of result; a file without it is refused, not half shown.
+COMPARE_ROW_KEYS = ("style", "params", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
+                    "max_param_diff")
+
+
+def _read_json(path: Path, what: str, valid: Callable[[Any], str | None]) -> Any:
+    """The JSON in ``path`` (None when there is no such file), checked by ``valid``, which
+    says what is wrong; a file that is not what ``what`` writes is refused in one line."""
+    if not path.is_file():
         return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        problem = f"not valid JSON ({str(error).splitlines()[0][:120]})"
+    else:
+        problem = valid(data)
+        if problem is None:
+            return data
+    raise ZooError(f"--runs: {path} is {problem}; it is not what {what} writes: move it away, or run "
+                   f"{what} again")
+
+
+def _compare_problem(data: Any) -> str | None:
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        return "not an object with a non-empty list of rows"
+    for row in data["rows"]:
+        if not isinstance(row, dict) or not set(COMPARE_ROW_KEYS) <= set(row):
+            missing = sorted(set(COMPARE_ROW_KEYS) - set(row)) if isinstance(row, dict) else ["everything"]
+            return f"a row without {', '.join(missing)}"
+    if not isinstance(data.get("config", {}), dict):
+        return "an object whose config is not an object"
+    return None
+
+
+def _bench_problem(data: Any) -> str | None:
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r and "style" in r
+                                             for r in rows):
+        return "not a list of rows, each with a model and a style"
+    return None
+
+
+def _metrics_problem(data: Any) -> str | None:
+    if not isinstance(data, dict) or not isinstance(data.get("final", {}), dict):
+        return "not an object with a final object of metrics"
+    return None
 
 
 class Assets:
-    """Copies the images a page shows into the site, so the site stands alone."""
+    """The images a page shows, copied into the site so that it stands alone.
 
-    def __init__(self, out: Path):
-        self.out = out
+    :meth:`copy` only notes a file and returns its name in the site; :meth:`write`
+    copies them all, once every result has been read and found whole.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, Path] = {}
 
     def copy(self, src: Path, name: str) -> str:
-        dest = self.out / "img" / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
+        self.files[name] = src
         return f"img/{name}"
+
+    def write(self, out: Path) -> None:
+        for name, src in self.files.items():
+            (out / "img").mkdir(exist_ok=True)
+            shutil.copyfile(src, out / "img" / name)
 
 
 def results(model: str, runs: Path, assets: Assets) -> dict[str, Any]:
     """What ``zoo compare``, ``zoo bench`` and ``zoo train`` left under ``runs`` for ``model``."""
     compares = []
     for path in sorted(runs.glob(f"compare-{model}-*.json")):
-        data = _read_json(path)
-        if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]:
+        data = _read_json(path, f"zoo compare {model}", _compare_problem)
+        if data is not None:
             compares.append({"file": path.name, "when": _mtime(path), "dataset": data.get("dataset", "?"),
                              "precision": data.get("precision", "?"), "config": data.get("config") or {},
                              "rows": data["rows"]})
     bench_dir = runs / "bench"
-    bench_rows = _read_json(bench_dir / "bench.json")
+    bench_rows = _read_json(bench_dir / "bench.json", "zoo bench", _bench_problem)
     bench = None
     if isinstance(bench_rows, dict):
         bench_rows = bench_rows.get("rows")
@@ -504,8 +552,10 @@ def results(model: str, runs: Path, assets: Assets) -> dict[str, Any]:
     trained = []
     for style in STYLES:
         for folder in sorted(runs.glob(f"{model}-{style}-*")):
-            metrics = _read_json(folder / "metrics.json")
-            if not folder.is_dir() or not isinstance(metrics, dict):
+            if not folder.is_dir():
+                continue
+            metrics = _read_json(folder / "metrics.json", f"zoo train {model} --style {style}", _metrics_problem)
+            if metrics is None:
                 continue
             entry = {"style": style, "folder": folder.name, "dataset": metrics.get("dataset", "?"),
                      "final": metrics.get("final") or {}, "when": _mtime(folder / "metrics.json"),
@@ -588,13 +638,36 @@ def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
 
 def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = NAMES) -> list[Path]:
     """Write ``index.html``, one page per model, the CSS and the images; return the pages."""
-    out, runs = Path(out), Path(runs)
-    if out.exists() and not out.is_dir():
-        raise ZooError(f"--out {out} is a file; give a folder for the site")
+    out = files.output_dir(out, "--out")
+    runs = Path(runs)
     if runs.exists() and not runs.is_dir():
         raise ZooError(f"--runs {runs} is a file; give the folder zoo compare, bench and train write to")
+    if runs.exists():
+        files.input_path(runs, "--runs", folder=True)
+    strangers = sorted(p.name for p in out.iterdir() if not _site_entry(p)) if out.is_dir() else []
+    if strangers:
+        raise ZooError(f"--out {out} holds files the site does not write ({', '.join(strangers[:3])}"
+                       f"{', ...' if len(strangers) > 3 else ''}), and building replaces the whole folder; "
+                       "give an empty or new folder, or the folder of an earlier zoo site")
+    assets = Assets()
+    found = {model: results(model, runs, assets) for model in models}  # every result file read and checked
+    # Everything is written into a new folder beside OUT, which takes OUT's place only once
+    # complete: a failure half-way (a full disk) leaves the earlier site as it was.
+    with files.atomic_folder(out) as tmp:
+        pages = _write_site(tmp, runs, models, found, assets)
+    return [out / page.relative_to(tmp) for page in pages]
+
+
+def _site_entry(path: Path) -> bool:
+    """Whether ``path`` (in --out) is one of the files a build writes: a page, the CSS, the images."""
+    return (path.name in ("index.html", "site.css") or (path.name == "img" and path.is_dir())
+            or (path.suffix == ".html" and path.stem in NAMES))
+
+
+def _write_site(out: Path, runs: Path, models: Sequence[str], found: dict[str, dict[str, Any]],
+                assets: Assets) -> list[Path]:
     env = _environment()
-    assets = Assets(out)
+    assets.write(out)
     built = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     css = (env.loader.get_source(env, "site.css")[0] + "\n/* pygments */\n"
            + HtmlFormatter(style="default").get_style_defs([".code td.src", "pre.hl"]))
@@ -609,7 +682,7 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
         rows = differences(pool(params.values()), layouts)
         page = env.get_template("model.html").render(
             model=model, code=code_view(model), params=params, differences=rows, cited=_cited(rows),
-            results=results(model, runs, assets), in_shape=IN_SHAPE, known=KNOWN_INITIALISERS, **common)
+            results=found[model], in_shape=IN_SHAPE, known=KNOWN_INITIALISERS, **common)
         write_text(out / f"{model}.html", page)
         pages.append(out / f"{model}.html")
     rows = differences(pool(trees.values()), layouts)
@@ -623,13 +696,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write a static HTML catalogue: one page per model with every style "
                                    "side by side, parameter trees, the porting differences and the latest "
                                    "results found under --runs. Open OUT/index.html in a browser.")
-    p.add_argument("--out", default="site", help="output folder (default: site)")
-    p.add_argument("--runs", default="runs", help="where zoo compare/bench/train wrote results (default: runs)")
+    p.add_argument("--out", type=path_arg, default="site",
+                   help="output folder, replaced as a whole once the new site is complete (default: site)")
+    p.add_argument("--runs", type=path_arg, default="runs",
+                   help="where zoo compare/bench/train wrote results (default: runs)")
     p.add_argument("--models", type=choice_list(NAMES, "model"), default=NAMES, help="comma separated (default: all)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     pages = build(args.out, args.runs, args.models)
-    print(f"wrote {len(pages)} pages to {args.out}/; open {pages[0].resolve().as_uri()}")
+    print(f"wrote {len(pages)} pages to {Path(args.out).resolve()}/; open {pages[0].resolve().as_uri()}")
     return 0

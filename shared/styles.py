@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +145,7 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
                                                                                  compute, in_shape)
     apply = _checked(apply, name, style, in_shape)
     template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
+    _check_fits(name, hparams, template)
     extra = spec.equinox_layouts(in_shape, hparams) if style == "equinox" and spec.equinox_layouts else {}
     state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
     if state_converter is None:
@@ -150,6 +153,32 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     state_converter = _shape_checked(state_converter, state_template)
     return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
                  Converter(style, template, extra), state_converter, native, *as_module)
+
+
+# Training holds the parameters, their gradients and Adam's two moments at once.
+COPIES_IN_TRAINING = 4
+
+
+def memory_bytes() -> int:
+    """What the first device can hold: its memory limit on an accelerator, the machine's RAM on a CPU."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_fits(name: str, hparams: dict[str, Any], template: Any) -> None:
+    """Refuse, before anything is allocated, a model whose training could not fit in memory."""
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(template))
+    need = COPIES_IN_TRAINING * sum(math.prod(leaf.shape) * leaf.dtype.itemsize
+                                    for leaf in jax.tree.leaves(template))
+    have = memory_bytes()
+    if need > have:
+        given = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in hparams.items())
+        raise ZooError(f"{name} with {given} has {count:,} parameters: training holds {COPIES_IN_TRAINING} "
+                       f"copies ({need / 2**30:,.1f} GiB), more than the {have / 2**30:,.1f} GiB here; "
+                       "choose smaller sizes")
 
 
 def _checked(apply: Callable, name: str, style: str, in_shape: tuple[int, ...]) -> Callable:

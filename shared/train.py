@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import math
 import time
 from collections.abc import Callable
@@ -27,9 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from shared import data as data_lib
-from shared.files import atomic_path, write_text
 from shared import tasks
+from shared.args import MAX_COUNT, SEED_LIMIT
 from shared.errors import ZooError
+from shared.files import atomic_path, write_json
 from shared.styles import Model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -58,18 +58,25 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ZooError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_COUNT:
+                raise ZooError(f"{name.replace('_', '-')} must be a positive integer up to {MAX_COUNT}, "
+                               f"got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ZooError(f"lr must be a positive number, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise ZooError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ZooError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.warmup_steps < 0:
-            raise ZooError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ZooError(f"clip-norm must be positive, got {self.clip_norm}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ZooError(f"seed must be from 0 to {SEED_LIMIT - 1}, got {self.seed}")
+        if not 0 <= self.warmup_steps <= MAX_COUNT:
+            raise ZooError(f"warmup-steps must be from 0 to {MAX_COUNT}, got {self.warmup_steps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ZooError(f"weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ZooError(f"momentum must be a number in [0, 1) (0 for none), got {self.momentum}")
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ZooError(f"clip-norm must be a positive number, got {self.clip_norm}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ZooError(f"ema decay must be between 0 and 1 (e.g. 0.99), got {self.ema}")
         if self.freeze and self.train_only:
@@ -216,10 +223,10 @@ class Result:
     final: dict[str, float]
 
     @property
-    def step_ms(self) -> float:
-        """Median wall time of a train step in steady state, in milliseconds."""
+    def step_ms(self) -> float | None:
+        """Median wall time of a train step in steady state, in milliseconds (None: no step ran)."""
         times = self.step_times[1:] or self.step_times  # the first step includes compilation
-        return float(np.median(times) * 1000) if times else float("nan")
+        return float(np.median(times) * 1000) if times else None
 
     def metrics(self) -> dict[str, Any]:
         return {"model": self.model, "style": self.style, "dataset": self.dataset,
@@ -299,6 +306,9 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
         raise ZooError(f"batch size {config.batch_size} is larger than the "
                        f"{len(dataset.train)} training examples of {dataset.name}")
     total_steps = steps_per_epoch * config.epochs
+    if total_steps > MAX_COUNT:  # the step counter is an int32 on the device
+        raise ZooError(f"{config.epochs} epochs of {steps_per_epoch} steps are {total_steps} steps, more "
+                       f"than the {MAX_COUNT} a run can count; ask for fewer --epochs")
     labels = trainable_labels(model, config)
     optimizer = make_optimizer(config, total_steps, labels)
     schedule = learning_rate(config, total_steps)
@@ -400,11 +410,6 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically: a crash leaves the old file or the new one, never half."""
-    write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def write_outputs(result: Result, out_dir: Path) -> None:

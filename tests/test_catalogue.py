@@ -142,6 +142,8 @@ def test_copy_command_checks_the_copy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "import zoo and import shared fail there" in out
     assert "outputs (2, 64), (2, 20), (2, 20)" in out
+    # The checking Python imported the copy without writing bytecode beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae.py"]
 
 
 def test_the_check_catches_a_copy_that_needs_more_than_its_framework(tmp_path):

@@ -1,5 +1,7 @@
 """The digits dataset and the batching shared by every style."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,63 @@ def test_unknown_dataset_names_the_choices(data_dir):
 def test_batch_larger_than_split_is_refused(digits):
     with pytest.raises(ZooError, match="larger than"):
         data.train_batches(digits.test, 1000, seed=0, epoch=0)
+
+
+# --------------------------------------------------------------------------- a damaged cache
+
+
+def _files(folder: Path) -> dict[str, Path]:
+    return {p.name.split("-")[1].split(".")[0] if "array_record" in p.name else p.name: p for p in folder.iterdir()}
+
+
+def truncate_train(folder: Path) -> None:
+    path = _files(folder)["train"]
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def flip_a_byte(folder: Path) -> None:
+    path = _files(folder)["test"]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def delete_train(folder: Path) -> None:
+    _files(folder)["train"].unlink()
+
+
+def delete_info(folder: Path) -> None:
+    (folder / "dataset_info.json").unlink()
+
+
+def break_info(folder: Path) -> None:
+    (folder / "dataset_info.json").write_text('{"name": "zoo_dig')
+
+
+DAMAGES = (truncate_train, flip_a_byte, delete_train, delete_info, break_info)
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
+def test_a_damaged_digits_cache_is_rebuilt_and_reads_the_same(damage, digits, tmp_path, capsys):
+    data.load("digits", tmp_path)
+    folder = tmp_path / "zoo_digits" / "1.0.0"
+    assert (folder / data.CHECKSUMS).is_file()
+    damage(folder)
+    capsys.readouterr()
+    again = data.load("digits", tmp_path)
+    assert "was damaged" in capsys.readouterr().err
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(again, split).images, getattr(digits, split).images)
+        np.testing.assert_array_equal(getattr(again, split).labels, getattr(digits, split).labels)
+    # Rebuilt whole: the next load finds nothing wrong and says nothing.
+    data.load("digits", tmp_path)
+    assert "damaged" not in capsys.readouterr().err
+
+
+def test_a_cache_built_before_the_checksums_is_checked_by_reading_it_then_recorded(digits, tmp_path):
+    data.load("digits", tmp_path)
+    record = tmp_path / "zoo_digits" / "1.0.0" / data.CHECKSUMS
+    sums = record.read_text()
+    record.unlink()
+    data.load("digits", tmp_path)
+    assert record.read_text() == sums

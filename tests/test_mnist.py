@@ -148,6 +148,7 @@ def test_downloads_when_online(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mnist, "_reachable", lambda *args, **kwargs: True)
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
+    (tmp_path / "empty").mkdir()
     dataset = data.load("mnist", data_dir=tmp_path / "data", manual_dir=tmp_path / "empty")
     assert requested == {f: "https://storage.googleapis.com/cvdf-datasets/mnist/" + f
                          for f in mnist.FILES}
@@ -160,6 +161,7 @@ def test_download_failure_is_a_zoo_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mnist, "_reachable", lambda *args, **kwargs: True)
     monkeypatch.setattr(tfds.download.DownloadManager, "download", failing_download)
+    (tmp_path / "manual").mkdir()
     with pytest.raises(ZooError, match="connection reset.*--manual-dir"):
         data.load("mnist", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
     assert_not_prepared(tmp_path / "data")
@@ -300,3 +302,24 @@ def test_real_mnist_test_split(tmp_path, monkeypatch):
     # The same content as parsing the IDX files directly.
     images, labels = mnist.read_split(folder / mnist.TEST_IMAGES, folder / mnist.TEST_LABELS)
     assert_split(test, images, labels)
+
+
+def test_a_damaged_mnist_cache_is_refused_with_the_folder_to_delete(tmp_path, monkeypatch):
+    """MNIST needs its original files to be rebuilt, so a damaged cache is refused, never a Riegeli
+    or KeyError traceback, and the folder is left for the user to look at and delete."""
+    manual = tmp_path / "manual"
+    write_files(manual, monkeypatch)
+    data.load("mnist", data_dir=tmp_path / "data", manual_dir=manual)
+    folder = tmp_path / "data" / "zoo_mnist" / "1.0.0"
+    [train] = folder.glob("*-train.array_record*")
+    train.write_bytes(train.read_bytes()[:100])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ZooError) as error:
+        data.load("mnist", data_dir=tmp_path / "data", manual_dir=manual)
+    assert str(error.value) == (f"the mnist dataset in {folder} is damaged ({train.name} does not have its "
+                                f"recorded size); delete {folder} and run again to rebuild it (offline, give the "
+                                "original .gz files with --manual-dir)")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (folder / "dataset_info.json").unlink()
+    with pytest.raises(ZooError, match="is damaged"):
+        data.load("mnist", data_dir=tmp_path / "data", manual_dir=manual)
