@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 
 # The largest count an option takes: steps and sizes are int32 on the device
@@ -18,10 +19,21 @@ SEED_LIMIT = 2**32
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2."""
+    """argparse, but a usage error is one line and exit status 2, and options are never
+    abbreviated (``--style`` is not taken for ``--styles``: a prefix that is unique today
+    may not be once an option is added)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a newline or carriage return (in a path, say) shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def int_at_least(minimum: int, meaning: str, maximum: int = MAX_COUNT) -> Callable[[str], int]:
@@ -47,6 +59,11 @@ non_negative_int = int_at_least(0, "an integer >= 0")
 seed = int_at_least(0, f"a seed from 0 to {SEED_LIMIT - 1}", SEED_LIMIT - 1)
 
 
+# Every number option ends up in float32 (the parameters, the optimiser's arithmetic):
+# beyond this it would be infinite there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _number(text: str, meaning: str) -> float:
     try:
         value = float(text)
@@ -54,6 +71,9 @@ def _number(text: str, meaning: str) -> float:
         raise argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be {meaning}, got {text}")
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must be {meaning} that float32 can hold (at most {FLOAT32_MAX:.4g}), "
+                                         f"got {text}")
     return value
 
 
@@ -87,13 +107,25 @@ def open_fraction(text: str) -> float:
     return value
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one name and on a whole path, in bytes
+
+
 def path_arg(text: str) -> str:
-    """A file or folder name: anything but the empty string (which would mean the current folder,
-    or nothing at all, depending on the option)."""
+    """A file or folder name, with ``~`` expanded: anything but the empty string (which would
+    mean the current folder, or nothing at all, depending on the option), and within the
+    system's limits on lengths."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty one")
     if "\0" in text:
         raise argparse.ArgumentTypeError(f"a path cannot hold a NUL character, got {text!r}")
+    text = os.path.expanduser(text)
+    encoded = os.fsencode(text)
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise argparse.ArgumentTypeError(f"a file or folder name is at most {NAME_MAX} bytes, got one of "
+                                         f"{len(longest)} ({os.fsdecode(longest[:20])}...)")
+    if len(encoded) > PATH_MAX:
+        raise argparse.ArgumentTypeError(f"a path is at most {PATH_MAX} bytes, got {len(encoded)}")
     return text
 
 
@@ -114,7 +146,10 @@ def choice_list(choices: tuple[str, ...], what: str) -> Callable[[str], tuple[st
     """An argparse type: a comma-separated list drawn from ``choices``."""
 
     def parse(text: str) -> tuple[str, ...]:
-        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        values = tuple(v.strip() for v in text.split(","))
+        if any(not v for v in values) and any(values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r} (an empty entry)")
+        values = tuple(v for v in values if v)
         bad = [v for v in values if v not in choices]
         if bad or not values:
             raise argparse.ArgumentTypeError(

@@ -70,13 +70,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from shared import data as data_lib
+from shared import files
 from shared import styles as styles_lib
 from shared import tasks
-from shared import files
-from shared.files import atomic_path, write_json, write_text
 from shared.args import choice_list, path_arg, positive_int, seed
 from shared.data import add_data_args
 from shared.errors import ZooError
+from shared.files import atomic_path, write_json, write_text
 from shared.registry import MODELS, NAMES, STYLES
 from shared.styles import Model
 from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step
@@ -876,7 +876,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0, help="initial parameters, batch and round order")
     p.add_argument("--out", type=path_arg, default=str(DEFAULT_OUT),
                    help="folder for bench.json, bench.md, bench.png (default: runs/bench)")
-    p.add_argument("--json", type=path_arg, metavar="FILE", help="write the JSON rows here instead of OUT/bench.json")
+    p.add_argument("--json", type=path_arg, metavar="FILE",
+                   help="write the JSON rows here instead of OUT/bench.json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 

@@ -34,7 +34,7 @@ from pygments.token import Text
 
 import zoo
 from shared import files, registry
-from shared.args import choice_list, int_at_least
+from shared.args import choice_list, int_at_least, path_arg
 from shared.errors import ZooError, check_choice
 from shared.registry import NAMES, STYLES
 
@@ -500,7 +500,9 @@ for item in spec["items"]:
         entry["shapes"] = [list(leaf.shape) for leaf in leaves]
         entry["finite"] = all(bool(jnp.isfinite(leaf).all()) for leaf in leaves)
     except Exception as error:
-        entry["error"] = "".join(traceback.format_exception_only(error)).strip().splitlines()[-1]
+        # The message itself: notes (JAX adds one on filtered tracebacks) come after it.
+        text = str(error).strip().splitlines()
+        entry["error"] = f"{type(error).__name__}: {text[0] if text else ''}"
     finally:
         sys.path.remove(item["dir"])
         sys.modules.pop(item["module"], None)
@@ -612,7 +614,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "a failure usually means the framework is missing here).")
     p.add_argument("model", choices=NAMES)
     p.add_argument("--style", required=True, choices=STYLES)
-    p.add_argument("dest", metavar="DEST", help="a folder (DEST/MODEL.py) or a file path ending in .py")
+    p.add_argument("dest", type=path_arg, metavar="DEST", help="a folder (DEST/MODEL.py) or a file path ending in .py")
     p.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     p.add_argument("--no-check", action="store_true", help="copy only; skip the fresh-process check")
     p.set_defaults(handler=run_copy)

@@ -31,6 +31,7 @@ its process dies, however it dies, so a killed run never blocks the next one.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -52,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from shared import data as data_lib
+from shared import registry
 from shared import styles as styles_lib
 from shared import train as train_lib
 from shared.errors import ZooError
@@ -137,10 +139,10 @@ def locked(directory: str | Path) -> Iterator[None]:
     A second process is refused at once with a :class:`ZooError` naming the
     holder's pid and host. Re-entrant within a process. On several hosts only
     process 0 takes the lock: the others write into the same folder with it.
-    A lock file this call created is removed on the way out (still holding the
-    lock; a process that opened it meanwhile sees it is gone and tries again),
-    and so is a folder it created that is empty then: a run refused early leaves
-    nothing behind. A killed run leaves its lock file, which blocks no one.
+    The lock file is removed on the way out (still holding the lock; a process
+    that opened it meanwhile sees it is gone and tries again), and so is a folder
+    this call created that is empty then: a run refused early leaves nothing
+    behind. A killed run leaves its lock file, which blocks no one.
     """
     directory = Path(directory).absolute()
     if jax.process_index() > 0 or directory in _held:
@@ -155,9 +157,12 @@ def locked(directory: str | Path) -> Iterator[None]:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    made_file = not path.exists()
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:  # a folder or a symbolic link in the lock's place
+            raise ZooError(f"cannot lock {path} ({error.strerror}); it should be a plain file zoo makes: "
+                           "remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -179,12 +184,9 @@ def locked(directory: str | Path) -> Iterator[None]:
         yield
     finally:
         del _held[directory]
-        if made_file:
-            os.unlink(path)
-            if created and not any(directory.iterdir()):
-                os.rmdir(directory)
-        else:
-            os.ftruncate(fd, 0)
+        os.unlink(path)
+        if created and not any(directory.iterdir()):
+            os.rmdir(directory)
         os.close(fd)  # closing releases the lock
 
 
@@ -212,15 +214,15 @@ if not getattr(sys.unraisablehook, "zoo_closed_loop", False):
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet(level: int = logging.ERROR) -> Iterator[None]:
     """Orbax reports routine events as absl warnings; keep the CLI's stderr for real ones."""
     logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    previous = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(previous)
 
 
 def _manager(directory: Path, *, read_only: bool, keep: int | None = None):
@@ -278,11 +280,77 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
         missing = sorted(required - set(meta)) if isinstance(meta, dict) else ["everything"]
         raise _unreadable(directory, step, f"its metadata lacks {', '.join(missing)}")
     if meta["format"] != FORMAT:
-        raise ZooError(f"checkpoint {directory / str(step)} has format {meta['format']}; "
+        raise ZooError(f"checkpoint {directory / str(step)} has format {str(meta['format'])[:20]!r}; "
                        f"this zoo reads format {FORMAT}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise _unreadable(directory, step, f"its metadata has {problem}")
     if meta["step"] != step:
         raise _unreadable(directory, step, f"its metadata says step {meta['step']}")
     return meta
+
+
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What in the metadata is not what :class:`Saver` writes (None: nothing), so that a checkpoint
+    edited or damaged by hand is refused in one line, never followed into a traceback."""
+    if meta["model"] not in registry.NAMES:
+        return f"model {str(meta['model'])[:40]!r}, which this zoo does not have"
+    spec = registry.get(meta["model"])
+    if not isinstance(meta["hparams"], dict):
+        return "hparams that are not an object"
+    flags = {h.name: h for h in spec.hparams}
+    for name, value in meta["hparams"].items():
+        if name not in flags:
+            return f"a hyperparameter {str(name)[:40]!r} that {spec.name} does not take"
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        try:  # the command line's own parser: the value must be one the flag would accept
+            parsed = flags[name].parse(text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            return f"hyperparameter {name} = {text[:40]}, which --{name.replace('_', '-')} would refuse"
+        if (list(parsed) if isinstance(parsed, tuple) else parsed) != value:
+            return f"hyperparameter {name} = {text[:40]} of the wrong type"
+    if not (isinstance(meta["in_shape"], list) and len(meta["in_shape"]) == 3
+            and all(_is_int(d, 1) for d in meta["in_shape"])):
+        return "an input shape that is not three positive integers"
+    if not _is_int(meta["num_classes"], 1):
+        return "a number of classes that is not a positive integer"
+    if meta["precision"] not in styles_lib.PRECISIONS or meta["dataset"] not in data_lib.DATASETS:
+        return "an unknown precision or dataset"
+    if not isinstance(meta["config"], dict):
+        return "a config that is not an object"
+    try:
+        config = train_lib.TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in meta["config"].items()})
+        config.validate()
+    except (TypeError, ValueError) as error:  # ZooError is a ValueError
+        return f"a config this zoo refuses ({str(error)[:120]})"
+    if not _is_int(meta["step"]) or not _is_int(meta["state_updates"]) or meta["state_updates"] < meta["step"]:
+        return "a step or state update count that is not a whole number (or fewer updates than steps)"
+    order = meta["data_order"]
+    if not (isinstance(order, dict) and all(_is_int(order.get(k)) for k in ("epoch", "index"))
+            and _is_int(order.get("steps_per_epoch"), 1)):
+        return "a data order that is not three whole numbers"
+    arrays = meta["arrays"]
+    if not isinstance(arrays, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) and all(_is_int(d) for d in v["shape"])
+            and isinstance(v.get("dtype"), str) and _is_int(v.get("crc32")) for v in arrays.values()):
+        return "an array list without a shape, dtype and CRC-32 for every array"
+    for entry in arrays.values():
+        try:
+            np.dtype(entry["dtype"])
+        except TypeError:
+            return f"an array of dtype {entry['dtype'][:20]!r}"
+    log = meta["log"]
+    if not (isinstance(log, dict) and isinstance(log.get("history"), list)
+            and all(isinstance(h, dict) for h in log["history"]) and isinstance(log.get("step_losses"), list)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in log["step_losses"])
+            and len(log["step_losses"]) <= meta["step"]):
+        return "a log that is not a history of records and at most one loss per step"
+    return None
 
 
 def _unreadable(directory: Path, step: int, why: Any) -> ZooError:
@@ -394,7 +462,9 @@ class Saver:
         """Wait for a save still being written, then release the folder."""
         if self.manager is None:
             return
-        with _quiet():
+        # Orbax logs a failed (or interrupted: Ctrl-C) save with its traceback, then raises it;
+        # the exception is what the caller reports, in one line.
+        with _quiet(logging.CRITICAL):
             self.manager.wait_until_finished()
             self.manager.close()
         self.manager = None
@@ -565,6 +635,12 @@ def train(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig
         raise ZooError(f"nothing to resume: {directory} does not exist; run without --resume to start")
     with locked(directory):  # the steps found stay the steps there: no other run writes meanwhile
         found = steps(directory)
+        # A file, link or other entry named like a step that is not one would be replaced by that save.
+        strangers = sorted((p for p in directory.iterdir() if p.name.isdigit() and int(p.name) not in found
+                            and (p.is_symlink() or not p.is_dir())), key=lambda p: int(p.name))
+        if strangers:
+            raise ZooError(f"{strangers[0]} is not a checkpoint, but a step of this run would be saved under "
+                           "its name; move it out of the checkpoint folder")
         start, log = None, train_lib.RunLog(state_updates=init_updates)
         if resume:
             if not found:

@@ -18,10 +18,9 @@ from typing import Any
 
 import jax
 
-from shared import bench, catalogue, checkpoint, compare, data, registry, sample, site, styles, train
-from shared import files
-from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, open_fraction,
-                         path_arg, positive_float, positive_int, seed)
+from shared import bench, catalogue, checkpoint, compare, data, files, registry, sample, site, styles, train
+from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, one_line,
+                         open_fraction, path_arg, positive_float, positive_int, seed)
 from shared.data import add_data_args
 from shared.errors import ZooError
 from shared.registry import MODELS, NAMES, STYLES
@@ -51,11 +50,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
                    help="adamw's decoupled weight decay, >= 0 (default: 1e-4)")
-    p.add_argument("--momentum", type=fraction, default=0.9, help="sgd momentum in [0, 1), 0 for none (default: 0.9)")
+    p.add_argument("--momentum", type=fraction, default=0.9,
+                   help="sgd momentum in [0, 1), 0 for none (default: 0.9)")
     p.add_argument("--schedule", choices=("constant", "warmup_cosine", "linear_warmup"), default="constant")
     p.add_argument("--warmup-steps", type=non_negative_int, default=0)
     p.add_argument("--clip-norm", type=positive_float, help="clip gradients to this global norm first")
-    p.add_argument("--ema", type=open_fraction, metavar="DECAY", help="also keep and evaluate an EMA of the parameters")
+    p.add_argument("--ema", type=open_fraction, metavar="DECAY",
+                   help="also keep and evaluate an EMA of the parameters, decay in (0, 1)")
     p.add_argument("--freeze", nargs="+", default=(), metavar="PATTERN",
                    help="freeze parameters whose canonical path matches, e.g. 'encoder*'")
     p.add_argument("--train-only", nargs="+", default=(), metavar="PATTERN",
@@ -67,7 +68,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-dir", type=path_arg, metavar="DIR", help="save checkpoints here (any style can resume them)")
+    p.add_argument("--checkpoint-dir", type=path_arg, metavar="DIR",
+                   help="save checkpoints here (any style can resume them); one run at a time")
     p.add_argument("--save-every", type=positive_int, metavar="STEPS",
                    help="save every STEPS steps (default: at the end of every epoch); always at the end")
     p.add_argument("--keep", type=positive_int, metavar="N", help="keep the newest N checkpoints (default: 3)")
@@ -192,9 +194,16 @@ def resume_from_checkpoint(args: argparse.Namespace) -> None:
 
 def start_distributed(args: argparse.Namespace) -> None:
     """Join the other processes before JAX touches a device: then jax.devices() lists them all."""
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+            raise ZooError(f"--coordinator {args.coordinator!r}: expected HOST:PORT with a port from 1 to 65535, "
+                           "e.g. 10.0.0.1:1234")
+    if args.num_processes is not None and args.process_id is not None and args.process_id >= args.num_processes:
+        raise ZooError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     try:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    except (ValueError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001  (jax raises ValueError, RuntimeError, IndexError, ...)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ZooError(f"could not join the distributed run ({first}); outside SLURM, Open MPI, Kubernetes "
                        "and TPU pods give --coordinator, --num-processes and --process-id") from None
@@ -209,9 +218,26 @@ def check_train_paths(args: argparse.Namespace) -> Path:
     return out
 
 
+def check_jax() -> None:
+    """Start JAX's backend now, so that a misconfigured one (``JAX_PLATFORMS=cuda`` on a machine
+    without CUDA) is one line before any work, not a traceback from inside it."""
+    try:
+        jax.devices()
+    except Exception as error:  # noqa: BLE001  (RuntimeError, AssertionError, ... by platform)
+        text = str(error).strip().splitlines()
+        raise ZooError(f"JAX could not start ({type(error).__name__}: {text[0][:300] if text else ''}); check "
+                       "JAX_PLATFORMS and that the accelerator's jaxlib plugin is installed") from None
+
+
+# Subcommands that start JAX themselves, after checking their options (train joins a distributed run first).
+STARTS_JAX_ITSELF = ("train",)
+NEEDS_NO_JAX = ("list", "show", "copy")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.distributed or args.coordinator or args.num_processes or args.process_id is not None:
         start_distributed(args)
+    check_jax()
     if args.resume and not args.checkpoint_dir:
         raise ZooError("--resume needs --checkpoint-dir DIR, the folder of the run to continue")
     if args.resume and args.init_from:
@@ -309,19 +335,44 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) and usage errors (2): argparse has written to stdout or stderr
+        try:
+            sys.stdout.flush()
+        except OSError as error:
+            print(f"zoo: error: stdout: {error.strerror}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        raise done
     args.argv = argv
     handler = COMMANDS.get(args.command) or args.handler
     try:
-        return handler(args)
+        if args.command not in (*STARTS_JAX_ITSELF, *NEEDS_NO_JAX):
+            check_jax()
+        status = handler(args)
+        try:
+            sys.stdout.flush()  # a full disk or a closed pipe under stdout is reported here, not at exit
+        except OSError as error:
+            if not isinstance(error, BrokenPipeError):
+                error.filename = "stdout"
+            raise
+        return status
     except ZooError as error:
-        print(f"zoo: error: {error}", file=sys.stderr)
+        print(f"zoo: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except train.NonFiniteError as error:
-        print(f"zoo: training stopped: {error}", file=sys.stderr)
+        print(f"zoo: training stopped: {one_line(str(error))}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # stdout closed early (zoo show | head): stop quietly, as other tools do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as error:  # checked paths can still fail: a full disk, a folder removed meanwhile
-        print(f"zoo: error: {files.describe(error)}", file=sys.stderr)
+        print(f"zoo: error: {one_line(files.describe(error))}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stdout itself may be what failed: nothing more goes there
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -141,19 +142,34 @@ def _builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """Serialise builds (and checks) of one dataset across processes (parallel tests, two shells)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a")
-    except PermissionError:  # a read-only data dir, shared by a team: nothing is built in it, nothing to lock
-        yield
-        return
-    with handle:
+    """Serialise builds (and checks) of one dataset across processes (parallel tests, two shells).
+
+    The lock file is removed on the way out, while still held; a process that opened it
+    meanwhile finds it gone once it gets the lock, and takes a new one.
+    """
+    while True:
+        try:
+            handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a")
+        except PermissionError:  # a read-only data dir, shared by a team: nothing is built in it
+            yield
+            return
+        except OSError as error:  # a folder or a symbolic link in the lock's place
+            raise ZooError(f"cannot lock {path} ({error.strerror}); it should be a plain file zoo makes: "
+                           "remove it") from None
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        handle.close()
 
 
 # Written beside a dataset once it is built: the size and sha256 of every file, checked before every read.
@@ -189,6 +205,8 @@ def _damage(cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path, folder: 
     checksums are recorded now.
     """
     record = folder / CHECKSUMS
+    if os.path.lexists(record) and not record.is_file():
+        return f"its {CHECKSUMS} is not a file"
     if not record.exists():
         try:  # TFDS reads dataset_info.json as it makes the builder
             builder = _builder(cls, data_dir)
@@ -202,8 +220,11 @@ def _damage(cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path, folder: 
         return None
     try:
         expected = json.loads(record.read_text())
-    except ValueError:
+    except (ValueError, RecursionError):  # not UTF-8 either; nested beyond Python's stack
         return f"its {CHECKSUMS} is not valid JSON"
+    if not (isinstance(expected, dict) and expected and all(
+            isinstance(v, dict) and set(v) == {"size", "sha256"} for v in expected.values())):
+        return f"its {CHECKSUMS} is not what zoo writes"
     found = _file_sums(folder)
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -228,28 +249,55 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None,
     cls = _builder_class(name)
     absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns about a not-yet-built folder
     folder = data_dir / cls.name / str(cls.VERSION)
-    # TFDS prints its build messages to stdout: keep stdout for results (zoo compare --json).
-    with _lock(data_dir / f".{cls.name}.lock"), contextlib.redirect_stdout(sys.stderr):
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    new = [p for p in (data_dir / cls.name, data_dir / "downloads") if not os.path.lexists(p)]
+    try:
+        with _lock(data_dir / f".{cls.name}.lock"):
+            return _prepare_locked(name, cls, data_dir, folder, manual_dir)
+    except BaseException:
+        # A build that failed takes back what it made: this dataset's folder, TFDS's downloads/
+        # while it holds no file (other datasets may share it), and the folders made for them.
+        if data_dir / cls.name in new:
+            shutil.rmtree(data_dir / cls.name, ignore_errors=True)
+        if data_dir / "downloads" in new and not any(f for *_, f in os.walk(data_dir / "downloads")):
+            shutil.rmtree(data_dir / "downloads", ignore_errors=True)
+        for made_dir in made:
+            with contextlib.suppress(OSError):
+                made_dir.rmdir()
+        raise
+
+
+def _prepare_locked(name: str, cls: type[tfds.core.GeneratorBasedBuilder], data_dir: Path, folder: Path,
+                    manual_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
+    if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+        problem = "it is not a folder"
+    else:
         problem = _damage(cls, data_dir, folder) if folder.exists() else None
-        if problem and getattr(cls, "REBUILT_WHEN_DAMAGED", False):
-            print(f"zoo: the {name} dataset in {folder} was damaged ({problem}); rebuilding it", file=sys.stderr)
+    if problem and getattr(cls, "REBUILT_WHEN_DAMAGED", False):
+        print(f"zoo: the {name} dataset in {folder} was damaged ({problem}); rebuilding it", file=sys.stderr)
+        if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder)
-        elif problem:
-            raise ZooError(f"the {name} dataset in {folder} is damaged ({problem}); delete {folder} and run "
-                           f"again to rebuild it (offline, give the original .gz files with --manual-dir)")
-        builder = _builder(cls, data_dir)
-        if not builder.is_prepared():
-            tfds.disable_progress_bar()
-            config = tfds.download.DownloadConfig(
-                manual_dir=str(Path(manual_dir).expanduser()) if manual_dir else None)
-            try:
+        else:
+            folder.unlink()
+    elif problem:
+        raise ZooError(f"the {name} dataset in {folder} is damaged ({problem}); delete {folder} and run "
+                       f"again to rebuild it (offline, give the original .gz files with --manual-dir)")
+    builder = _builder(cls, data_dir)
+    if not builder.is_prepared():
+        tfds.disable_progress_bar()
+        config = tfds.download.DownloadConfig(
+            manual_dir=str(Path(manual_dir).expanduser()) if manual_dir else None)
+        # TFDS prints what it builds on stdout: kept from stdout (results, zoo compare --json)
+        # and from stderr (one line of ours says it instead).
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare(download_config=config)
-            except ZooError:
-                raise
-            except PermissionError as error:
-                raise ZooError(f"cannot write the dataset to {data_dir}: {error}; "
-                               "pick another folder with --data-dir") from None
-            files.write_text(folder / CHECKSUMS, json.dumps(_file_sums(folder), indent=2) + "\n")
+        except PermissionError as error:
+            raise ZooError(f"cannot write the dataset to {data_dir}: {error}; "
+                           "pick another folder with --data-dir") from None
+        files.write_text(folder / CHECKSUMS, json.dumps(_file_sums(folder), indent=2) + "\n")
+        print(f"zoo: built the {name} dataset in {folder}", file=sys.stderr)
     return builder
 
 

@@ -18,11 +18,24 @@ from shared.errors import ZooError
 # --------------------------------------------------------------------------- checks before the work
 
 
-def _nearest_existing(path: Path) -> Path:
+def _nearest_existing(path: Path, what: str, given: Path) -> Path:
+    """The nearest of ``path`` and its parents that is there; a symbolic link on the way that
+    leads nowhere (a dangling link, a loop) is refused, since nothing could be made through it."""
     for candidate in (path, *path.parents):
         if candidate.exists():
             return candidate
+        if os.path.lexists(candidate):
+            _broken_link(candidate, what, given)
     return Path(path.anchor)
+
+
+def _broken_link(link: Path, what: str, given: Path) -> None:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    raise ZooError(f"{what} {given}: {link} is a symbolic link to {target}, which does not lead to a file or "
+                   "folder (dangling, or a loop); remove it or choose another path")
 
 
 def _probe(folder: Path, what: str, path: Path) -> None:
@@ -39,7 +52,7 @@ def _probe(folder: Path, what: str, path: Path) -> None:
 
 def _check_parents(path: Path, what: str) -> None:
     """The folders above ``path`` exist as folders we can write in, or can be made in one."""
-    ancestor = _nearest_existing(path.absolute().parent)
+    ancestor = _nearest_existing(path.absolute().parent, what, path)
     if not ancestor.is_dir():
         raise ZooError(f"{what} {path}: {ancestor} is a file, not a folder; choose another path")
     _probe(ancestor, what, path)
@@ -54,6 +67,8 @@ def output_dir(path: str | os.PathLike, what: str) -> Path:
             raise ZooError(f"{what} {path} is a file, not a folder; give a folder (a new name is fine)")
         _probe(path, what, path)
     else:
+        if os.path.lexists(path):
+            _broken_link(path, what, path)
         _check_parents(path, what)
     return path
 
@@ -61,6 +76,8 @@ def output_dir(path: str | os.PathLike, what: str) -> Path:
 def output_file(path: str | os.PathLike, what: str, suffix: str | None = None) -> Path:
     """``path`` as a file this process can (re)place, else a :class:`ZooError`. With ``suffix``
     (``".json"``), a name without one gets it and a name with another is refused."""
+    if str(path).endswith(os.sep):
+        raise ZooError(f"{what} {path} names a folder; give a file name" + (f" ending in {suffix}" if suffix else ""))
     path = _non_empty(path, what)
     if path.is_dir():
         raise ZooError(f"{what} {path} is a folder; give a file name"
@@ -73,6 +90,8 @@ def output_file(path: str | os.PathLike, what: str, suffix: str | None = None) -
                            f"give a name ending in {suffix} (or none, and {suffix} is added)")
         if path.is_dir():
             raise ZooError(f"{what} {path} is a folder; give a file name ending in {suffix}")
+    if os.path.lexists(path) and not path.exists():
+        _broken_link(path, what, path)
     _check_parents(path, what)
     return path
 
@@ -81,6 +100,8 @@ def input_path(path: str | os.PathLike, what: str, *, folder: bool | None = None
     """``path`` as something that exists (a folder if ``folder``, a file if ``folder`` is False)."""
     path = _non_empty(path, what)
     if not path.exists():
+        if os.path.lexists(path):
+            _broken_link(path, what, path)
         raise ZooError(f"{what} {path} does not exist")
     if folder and not path.is_dir():
         raise ZooError(f"{what} {path} is a file; give a folder")
@@ -94,7 +115,7 @@ def input_path(path: str | os.PathLike, what: str, *, folder: bool | None = None
 def _non_empty(path: str | os.PathLike, what: str) -> Path:
     if not str(path).strip():
         raise ZooError(f"{what}: expected a path, got an empty one")
-    return Path(path).expanduser()
+    return Path(path)
 
 
 def describe(error: OSError) -> str:

@@ -470,7 +470,7 @@ def _read_json(path: Path, what: str, valid: Callable[[Any], str | None]) -> Any
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         problem = f"not valid JSON ({str(error).splitlines()[0][:120]})"
     else:
         problem = valid(data)
@@ -480,6 +480,21 @@ def _read_json(path: Path, what: str, valid: Callable[[Any], str | None]) -> Any
                    f"{what} again")
 
 
+def _number_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and math.isfinite(value))
+
+
+def _fields_problem(row: dict[str, Any], strings: Sequence[str], numbers: Sequence[str]) -> str | None:
+    for key in strings:
+        if key in row and not isinstance(row[key], str):
+            return f"a row whose {key} is {type(row[key]).__name__}, not text"
+    for key in numbers:
+        if key in row and not _number_or_null(row[key]):
+            return f"a row whose {key} is {row[key]!r:.40}, not a finite number or null"
+    return None
+
+
 def _compare_problem(data: Any) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
         return "not an object with a non-empty list of rows"
@@ -487,8 +502,14 @@ def _compare_problem(data: Any) -> str | None:
         if not isinstance(row, dict) or not set(COMPARE_ROW_KEYS) <= set(row):
             missing = sorted(set(COMPARE_ROW_KEYS) - set(row)) if isinstance(row, dict) else ["everything"]
             return f"a row without {', '.join(missing)}"
+        problem = _fields_problem(row, ("style",), [k for k in COMPARE_ROW_KEYS if k != "style"])
+        if problem:
+            return problem
     if not isinstance(data.get("config", {}), dict):
         return "an object whose config is not an object"
+    for key in ("dataset", "precision"):
+        if not isinstance(data.get(key, ""), str):
+            return f"an object whose {key} is not text"
     return None
 
 
@@ -497,12 +518,23 @@ def _bench_problem(data: Any) -> str | None:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r and "style" in r
                                              for r in rows):
         return "not a list of rows, each with a model and a style"
+    for row in rows:
+        problem = _fields_problem(row, ("model", "style", "pattern", "api", "device", "precision"),
+                                  ("batch_size", "step_ms", "step_ratio", "compile_s"))
+        if problem:
+            return problem
+        if "flops_equal" in row and not isinstance(row["flops_equal"], (bool, type(None))):
+            return "a row whose flops_equal is not true, false or null"
     return None
 
 
 def _metrics_problem(data: Any) -> str | None:
     if not isinstance(data, dict) or not isinstance(data.get("final", {}), dict):
         return "not an object with a final object of metrics"
+    if not all(isinstance(k, str) and _number_or_null(v) for k, v in data.get("final", {}).items()):
+        return "an object whose final metrics are not all finite numbers or null"
+    if not isinstance(data.get("dataset", ""), str):
+        return "an object whose dataset is not text"
     return None
 
 
@@ -638,15 +670,22 @@ def _cited(rows: Sequence[Difference]) -> list[dict[str, Any]]:
 
 def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[str] = NAMES) -> list[Path]:
     """Write ``index.html``, one page per model, the CSS and the images; return the pages."""
-    out = files.output_dir(out, "--out")
+    given = files.output_dir(out, "--out")
+    # A link to a folder: the new site replaces the folder it points to, and the link stays.
+    out = given.resolve() if given.is_symlink() else given
+    if out.exists() and Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ZooError(f"--out {given} is the current folder or holds it, and building replaces the whole "
+                       "folder; give a folder for the site, e.g. --out site")
     runs = Path(runs)
     if runs.exists() and not runs.is_dir():
         raise ZooError(f"--runs {runs} is a file; give the folder zoo compare, bench and train write to")
     if runs.exists():
         files.input_path(runs, "--runs", folder=True)
     strangers = sorted(p.name for p in out.iterdir() if not _site_entry(p)) if out.is_dir() else []
+    strangers += sorted(f"img/{p.name}" for p in (out / "img").iterdir() if not _image_entry(p)) \
+        if (out / "img").is_dir() and not (out / "img").is_symlink() else []
     if strangers:
-        raise ZooError(f"--out {out} holds files the site does not write ({', '.join(strangers[:3])}"
+        raise ZooError(f"--out {given} holds files the site does not write ({', '.join(strangers[:3])}"
                        f"{', ...' if len(strangers) > 3 else ''}), and building replaces the whole folder; "
                        "give an empty or new folder, or the folder of an earlier zoo site")
     assets = Assets()
@@ -660,8 +699,16 @@ def build(out: str | Path = "site", runs: str | Path = "runs", models: Sequence[
 
 def _site_entry(path: Path) -> bool:
     """Whether ``path`` (in --out) is one of the files a build writes: a page, the CSS, the images."""
-    return (path.name in ("index.html", "site.css") or (path.name == "img" and path.is_dir())
-            or (path.suffix == ".html" and path.stem in NAMES))
+    if path.is_symlink():
+        return False
+    return ((path.name in ("index.html", "site.css") and path.is_file()) or (path.name == "img" and path.is_dir())
+            or (path.suffix == ".html" and path.stem in NAMES and path.is_file()))
+
+
+def _image_entry(path: Path) -> bool:
+    """Whether ``path`` (in --out/img) is a file :class:`Assets` writes."""
+    return (path.is_file() and not path.is_symlink()
+            and (path.name in ("bench.png", "bench.md") or path.name.endswith(("-curves.png", "-samples.png"))))
 
 
 def _write_site(out: Path, runs: Path, models: Sequence[str], found: dict[str, dict[str, Any]],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def world(tmp_path_factory, data_dir, digits) -> World:
     broken = root / "broken-runs"
     broken.mkdir()
     (broken / "compare-mlp-digits.json").write_text('{"model": "mlp", "rows": [')
+    (root / "new\nline").write_text("a file with a newline in its name\n")
+    (root / "dangling").symlink_to(root / "nowhere")
+    (root / "loop").symlink_to(root / "loop")
+    (root / "old-site" / "img").mkdir(parents=True)
+    (root / "old-site" / "index.html").write_text("<html>an earlier site</html>\n")
+    (root / "old-site" / "img" / "photo.jpg").write_text("the user's photo\n")
+    for name, edit in (("bad-hparams", lambda m: m["hparams"].update(hidden_sizes=[-8])),
+                       ("bad-log", lambda m: m["log"].update(step_losses="none")),
+                       ("bad-config", lambda m: m["config"].update(epochs="two"))):
+        shutil.copytree(root / "ckpt", root / name)
+        metadata = root / name / "22" / "meta" / "metadata"
+        meta = json.loads(metadata.read_text())
+        edit(meta)
+        metadata.write_text(json.dumps(meta))
+    shutil.copytree(root / "ckpt", root / "stray-step")
+    (root / "stray-step" / "33").write_text("the user's file, named like the next step\n")
+    shutil.copytree(root / "ckpt", root / "lock-link")
+    (root / "lock-link" / checkpoint.LOCK_NAME).symlink_to(root / "file")
     if os.geteuid() == 0:
         # Root writes through any permission bits; /proc takes no new files from anyone.
         read_only = Path("/proc")
@@ -122,6 +141,30 @@ CASES = [
      "it is at step 22, past the 11 steps of 1 epoch; give --epochs 2 or more"),
     ("train-resume-another-model", ["train", "cnn", "--style", "nnx", "--resume", "--checkpoint-dir", "{root}/ckpt"],
      "model mlp there, cnn here"),
+    ("train-out-newline", [*TRAIN, "--out", "{root}/new\nline"], "--out {root}/new\\nline is a file"),
+    ("train-out-dangling-link", [*TRAIN, "--out", "{root}/dangling"], "{root}/dangling is a symbolic link to"),
+    ("train-checkpoint-dir-under-a-loop", [*TRAIN, "--checkpoint-dir", "{root}/loop/ckpt"],
+     "{root}/loop is a symbolic link to {root}/loop, which does not lead"),
+    ("train-out-name-too-long", [*TRAIN, "--out", "{root}/" + "a" * 300], "a file or folder name is at most 255"),
+    ("train-resume-bad-hyperparameter", [*TRAIN, "--resume", "--checkpoint-dir", "{root}/bad-hparams"],
+     "its metadata has hyperparameter hidden_sizes = -8, which --hidden-sizes would refuse"),
+    ("train-init-from-bad-log", [*TRAIN, "--init-from", "{root}/bad-log"], "its metadata has a log that is not"),
+    ("sample-bad-config", [*SAMPLE[:-1], "{root}/bad-config", "--out", "{root}/s.png"],
+     "its metadata has a config this zoo refuses"),
+    ("train-resume-onto-a-file-named-like-a-step", [*TRAIN, "--resume", "--checkpoint-dir", "{root}/stray-step",
+                                                    "--epochs", "3"],
+     "{root}/stray-step/33 is not a checkpoint, but a step of this run would be saved under its name"),
+    ("train-lock-file-is-a-link", [*TRAIN, "--resume", "--checkpoint-dir", "{root}/lock-link", "--epochs", "3"],
+     "cannot lock {root}/lock-link/.zoo-lock (Too many levels of symbolic links)"),
+    ("coordinator-garbage", [*TRAIN, "--coordinator", "not a host", "--num-processes", "1", "--process-id", "0"],
+     "--coordinator 'not a host': expected HOST:PORT"),
+    ("coordinator-port", [*TRAIN, "--coordinator", "127.0.0.1:99999", "--num-processes", "1", "--process-id", "0"],
+     "with a port from 1 to 65535"),
+    ("process-id-beyond", [*TRAIN, "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 must be below --num-processes 2"),
+    ("abbreviated-option", [*COMPARE, "--style", "jax"], "unrecognized arguments: --style jax"),
+    ("lr-beyond-float32", [*TRAIN, "--lr", "1e308"], "a positive number that float32 can hold"),
+    ("bench-patterns-empty-entry", [*BENCH, "--patterns", "fast,"], "got 'fast,' (an empty entry)"),
     # --- integers: signs, sizes, overflow, words
     ("seed-negative", [*TRAIN, "--seed", "-1"], f"--seed: must be a seed from 0 to {SEED_LIMIT - 1}, got -1"),
     ("seed-2**32", [*TRAIN, "--seed", str(SEED_LIMIT)], f"must be at most {SEED_LIMIT - 1}"),
@@ -199,7 +242,10 @@ CASES = [
     ("site-out-unwritable", ["site", "--out", "{ro}/site", "--models", "mlp"], "cannot write in {ro}"),
     ("site-out-holds-other-files", ["site", "--out", "{root}/notes", "--models", "mlp"],
      "holds files the site does not write (todo.txt)"),
-    ("site-out-is-the-world", ["site", "--out", "{root}", "--models", "mlp"], "holds files the site does not write"),
+    ("site-out-is-the-current-folder", ["site", "--out", "{root}", "--models", "mlp"],
+     "is the current folder or holds it"),
+    ("site-out-img-holds-a-photo", ["site", "--out", "{root}/old-site", "--models", "mlp"],
+     "holds files the site does not write (img/photo.jpg)"),
     ("site-runs-is-a-file", ["site", "--out", "{root}/site", "--runs", "{root}/file"], "--runs {root}/file is a file"),
     ("site-runs-malformed", ["site", "--out", "{root}/site", "--runs", "{root}/bad-runs", "--models", "mlp"],
      "a row without max_param_diff, params"),
@@ -267,8 +313,6 @@ def test_a_real_process_prints_exactly_the_one_line(args, world):
 def test_a_damaged_checkpoint_gives_the_refusal_and_nothing_else(world, tmp_path):
     """Tensorstore completes the reads of a failed restore on Orbax's closed event loop, which
     used to print 7 to 25 'Event loop is closed' tracebacks after the refusal."""
-    import shutil
-
     damaged = tmp_path / "ckpt"
     shutil.copytree(world.root / "ckpt", damaged)
     (damaged / "22" / "params" / "manifest.ocdbt").unlink()
@@ -325,7 +369,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_killed_one_blocks_not
     epochs = done // 11 + 1
     assert main([*map(str, args), "--resume", "--epochs", str(epochs), "--out", str(tmp_path / "third")]) == 0
     assert checkpoint.steps(directory)[-1] == 11 * epochs
-    assert (directory / checkpoint.LOCK_NAME).read_text() == ""  # released: it names no holder
+    assert not (directory / checkpoint.LOCK_NAME).exists()  # released, and removed by the run that held it
 
 
 @pytest.mark.heavy

@@ -1,5 +1,6 @@
 """The digits dataset and the batching shared by every style."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,17 @@ def break_info(folder: Path) -> None:
     (folder / "dataset_info.json").write_text('{"name": "zoo_dig')
 
 
-DAMAGES = (truncate_train, flip_a_byte, delete_train, delete_info, break_info)
+def checksums_of_another_shape(folder: Path) -> None:
+    (folder / data.CHECKSUMS).write_text("[]")
+
+
+def version_is_a_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+
+
+DAMAGES = (truncate_train, flip_a_byte, delete_train, delete_info, break_info, checksums_of_another_shape,
+           version_is_a_file)
 
 
 @pytest.mark.parametrize("damage", DAMAGES, ids=[d.__name__ for d in DAMAGES])
