@@ -883,6 +883,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    styles_lib.use_precision(args.precision)
     out = files.output_dir(args.out, "--out")
     json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "bench.json"
     data_lib.check_dirs(args.dataset, args.data_dir, args.manual_dir)

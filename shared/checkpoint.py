@@ -454,7 +454,7 @@ class Saver:
         items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
         if self.manager is None:
             self.manager = _manager(self.directory, read_only=False, keep=self.keep)
-        with _quiet():
+        with _quiet(logging.CRITICAL):  # see close(): a failed or interrupted save is raised, not logged
             self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(strict(meta))),
                               force=True)
 

@@ -61,8 +61,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="freeze parameters whose canonical path matches, e.g. 'encoder*'")
     p.add_argument("--train-only", nargs="+", default=(), metavar="PATTERN",
                    help="train only parameters whose canonical path matches, e.g. 'dense2/*'")
-    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the forward and backward pass; parameters stay float32")
+    p.add_argument("--precision", choices=styles.PRECISIONS, default="float32",
+                   help="float32; bfloat16 (the forward and backward pass, parameters stay float32); float64 "
+                        "(parameters, optimiser state and data: JAX's x64 mode)")
     p.add_argument("--devices", type=positive_int, help="split each batch over this many devices (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -254,6 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with checkpoint.locked(args.checkpoint_dir) if args.checkpoint_dir else contextlib.nullcontext():
         if args.resume:
             resume_from_checkpoint(args)
+        styles.use_precision(args.precision)
         out = check_train_paths(args)
         config = config_from(args)
         config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
@@ -295,6 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    styles.use_precision(args.precision)
     config = config_from(args)
     config.validate()
     out = files.output_file(args.out or f"runs/compare-{args.model}-{args.dataset}.json", "--out", ".json")
@@ -333,6 +336,9 @@ COMMANDS = {"list": cmd_list, "train": cmd_train, "compare": cmd_compare}
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("stdout", "stderr"):  # started with a closed stream (zoo list >&-): write nowhere, not crash
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:

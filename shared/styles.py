@@ -55,7 +55,18 @@ from shared.errors import ZooError, check_choice
 from shared.layouts import Canonical, Converter, _get, _set, canonical_name, check_canonical, flatten_canonical
 from shared.registry import STYLES, ModelSpec, get
 
-PRECISIONS = ("float32", "bfloat16")
+# float32; bfloat16 computation with float32 parameters (mixed precision); float64 everything,
+# which needs JAX's x64 mode (jax.config.update("jax_enable_x64", True) before any array exists).
+PRECISIONS = ("float32", "bfloat16", "float64")
+# Styles whose layers take the parameters' dtype (Flax's param_dtype); the others' are cast.
+PARAM_DTYPE_STYLES = ("flax", "nnx")
+
+
+def use_precision(precision: str) -> None:
+    """Turn on JAX's x64 mode for a float64 run (the command line calls it before any array exists)."""
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "float64":
+        jax.config.update("jax_enable_x64", True)
 
 
 def rng_key(key: jax.Array) -> jax.Array:
@@ -139,10 +150,17 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
         raise ZooError(f"in_shape must be (height, width, channels), got {in_shape}")
     hparams = spec.resolve(hparams)
     kwargs = spec.kwargs(in_shape, num_classes, hparams)
+    if precision == "float64" and not jax.config.jax_enable_x64:
+        raise ZooError("float64 needs JAX's x64 mode: call jax.config.update('jax_enable_x64', True) before "
+                       "anything else, or build inside `with jax.enable_x64(True):`")
     module = importlib.import_module(f"zoo.{style}.{name}")
     compute = jnp.bfloat16 if precision == "bfloat16" else None
+    if precision == "float64" and style in PARAM_DTYPE_STYLES:
+        kwargs = {**kwargs, "param_dtype": jnp.float64}
     init, apply, generate, native, state_converter, *as_module = _BUILDERS[style](spec, module, kwargs, hparams,
                                                                                  compute, in_shape)
+    if precision == "float64":
+        init, apply, generate = _in_float64(init, apply, generate)
     apply = _checked(apply, name, style, in_shape)
     template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
     _check_fits(name, hparams, template)
@@ -189,6 +207,28 @@ def _checked(apply: Callable, name: str, style: str, in_shape: tuple[int, ...]) 
                            f"in_shape={tuple(images.shape[1:])}")
         return apply(params, state, images, labels, key, train)
     return checked_apply
+
+
+def _in_float64(init: Callable, apply: Callable, generate: Callable | None):
+    """Float64 parameters, state and inputs, in every style.
+
+    Linen and NNX create their parameters in float64 themselves (``param_dtype``);
+    plain JAX's initialisers, Haiku's (which follow the float32 example input)
+    and the running statistics of Linen's and NNX's BatchNorm (always created in
+    float32) are widened here, once, after initialisation. The inputs (float32
+    pixels from the dataset) are widened on every call.
+    """
+    def init64(key):
+        return _cast(init(key), jnp.float64)
+
+    def apply64(params, state, images, labels, key, train):
+        return apply(params, state, _cast(images, jnp.float64), labels, key, train)
+
+    generate64 = None
+    if generate is not None:
+        def generate64(params, z, labels):
+            return generate(params, _cast(z, jnp.float64), labels)
+    return init64, apply64, generate64
 
 
 def _cast(tree: Any, dtype: Any) -> Any:

@@ -90,6 +90,27 @@ def test_compare_json_rows(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
 
 
+def test_float64_from_the_command_line_trains_checkpoints_and_resumes_in_float64(tmp_path, data_dir, digits):
+    """--precision float64 turns on x64 in a fresh process; a resumed run takes the precision
+    from the checkpoint, and any style resumes it (here Equinox a Linen run)."""
+    from shared import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    common = ["--epochs", "1", "--no-progress", "--data-dir", str(data_dir), "--checkpoint-dir", str(ckpt)]
+    proc = run_zoo("train", "mlp", "--style", "flax", "--precision", "float64", *common, "--out",
+                   str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr
+    meta = checkpoint.read_meta(ckpt, 11)
+    assert meta["precision"] == "float64"
+    assert {a["dtype"] for p, a in meta["arrays"].items() if not p.endswith("count")} == {"float64"}
+    proc = run_zoo("train", "mlp", "--style", "equinox", "--resume", *common[2:], "--epochs", "2",
+                   "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert checkpoint.steps(ckpt)[-1] == 22
+    assert {a["dtype"] for p, a in checkpoint.read_meta(ckpt, 22)["arrays"].items()
+            if not p.endswith("count")} == {"float64"}
+
+
 def test_a_style_beyond_the_noise_floor_is_different_and_fails(monkeypatch, digits, data_dir, tmp_path, capsys):
     """A Haiku MLP that sees its inputs scaled by 1.01: the same parameters, another network."""
     original = compare.styles_lib.build

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shared import compare
 from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
@@ -401,3 +402,39 @@ def test_fifty_adam_steps_match_reference(model, style, digits, reference_runs):
     # ...and if the same steps in float64 agree, where rounding is 1e-16.
     np.testing.assert_allclose(float64_losses(model, style, digits), float64_losses(model, "jax", digits),
                                rtol=FLOAT64_RTOL, atol=0, err_msg=f"{model}/{style} in float64")
+
+
+# --------------------------------------------------------------------------- float64 end to end
+
+# Float64's epsilon is 2.2e-16; 22 Adam steps from the same start, summed in another order
+# (Equinox), end within 1.4e-14 of the reference (measured, every model). 1e-10 leaves room
+# for longer runs and still sits six orders below the 1e-6 to 1e-3 of the float32 runs: a layer
+# that silently computed in float32 would fail it.
+FLOAT64_PARAM_ATOL = 1e-10
+FLOAT64_HPARAMS = {"resnet": {"stage_sizes": (1, 1), "width": 8}}
+
+
+@pytest.mark.heavy  # a minute each, mostly compiling five styles in x64: collected first
+@pytest.mark.parametrize("model", NAMES)
+def test_float64_training_matches_the_reference_to_1e_10(model, digits):
+    """``precision="float64"``: parameters, state, optimiser and data in float64 in every
+    style (Linen and NNX through their own ``param_dtype``), two epochs from one start."""
+    with jax.enable_x64(True):
+        rows, results = compare.compare(model, digits, TrainConfig(epochs=2), STYLES, precision="float64",
+                                        progress=False, hparams=FLOAT64_HPARAMS.get(model, {}),
+                                        noise_floor=False)
+        for style, result in results.items():
+            dtypes = {leaf.dtype for leaf in jax.tree.leaves((result.params, result.model_state))
+                      if jnp.issubdtype(leaf.dtype, jnp.floating)}
+            assert dtypes == {jnp.dtype(jnp.float64)}, (style, dtypes)
+    for row in rows:
+        assert row["max_param_diff"] <= FLOAT64_PARAM_ATOL, row
+        assert row["max_state_diff"] is None or row["max_state_diff"] <= FLOAT64_PARAM_ATOL, row
+        if row["style"] in BITWISE and not MODELS[model].state:  # BatchNorm's statistics round apart
+            assert row["max_param_diff"] == 0.0, row
+
+
+def test_float64_needs_x64_and_says_how():
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(styles_lib.ZooError, match="jax_enable_x64"):
+        styles_lib.build("mlp", "flax", in_shape=(8, 8, 1), precision="float64")

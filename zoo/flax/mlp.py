@@ -9,18 +9,20 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 class MLP(nn.Module):
     hidden_sizes: Sequence[int] = (128, 128)
     num_classes: int = 10
-    dtype: Any = None  # computation dtype; parameters stay float32
+    dtype: Any = None  # computation dtype: bfloat16 for mixed precision
+    param_dtype: Any = jnp.float32  # the parameters' dtype: float64 for float64 runs
 
     def setup(self) -> None:
         # Linen infers each layer's input size on first call, and names the
         # submodules of a list attribute ``layers_0``, ``layers_1``, ...
         self.layers = [
-            nn.Dense(size, dtype=self.dtype)
+            nn.Dense(size, dtype=self.dtype, param_dtype=self.param_dtype)
             for size in (*self.hidden_sizes, self.num_classes)
         ]
 

@@ -23,17 +23,22 @@ class ResidualBlock(nn.Module):
     strides: int = 1
     momentum: float = 0.9
     dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
         self.conv1 = nn.Conv(self.features, kernel_size=(3, 3), strides=self.strides, padding="SAME",
-                             use_bias=False, dtype=self.dtype)
-        self.bn1 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
-        self.conv2 = nn.Conv(self.features, kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
-        self.bn2 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+                             use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.bn1 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
+                                dtype=self.dtype, param_dtype=self.param_dtype)
+        self.conv2 = nn.Conv(self.features, kernel_size=(3, 3), padding="SAME", use_bias=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+        self.bn2 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
+                                dtype=self.dtype, param_dtype=self.param_dtype)
         if self.strides != 1 or self.in_features != self.features:
             self.proj = nn.Conv(self.features, kernel_size=(1, 1), strides=self.strides, padding="SAME",
-                                use_bias=False, dtype=self.dtype)
-            self.proj_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+                                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.proj_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
         else:
             self.proj = None
             self.proj_bn = None
@@ -54,24 +59,28 @@ class ResNet(nn.Module):
     width: int = 16
     dropout_rate: float = 0.1
     momentum: float = 0.9
-    dtype: Any = None  # computation dtype; parameters stay float32
+    dtype: Any = None  # computation dtype: bfloat16 for mixed precision
+    param_dtype: Any = jnp.float32  # the parameters' dtype: float64 for float64 runs
 
     def setup(self) -> None:
         # Images are NHWC and kernels HWIO.
-        self.stem = nn.Conv(self.width, kernel_size=(3, 3), padding="SAME", use_bias=False, dtype=self.dtype)
-        self.stem_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5, dtype=self.dtype)
+        self.stem = nn.Conv(self.width, kernel_size=(3, 3), padding="SAME", use_bias=False,
+                            dtype=self.dtype, param_dtype=self.param_dtype)
+        self.stem_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
+                                    dtype=self.dtype, param_dtype=self.param_dtype)
         blocks = []
         in_features = self.width
         for stage, size in enumerate(self.stage_sizes):
             features = self.width * 2**stage
             for j in range(size):
                 strides = 2 if stage > 0 and j == 0 else 1
-                blocks.append(ResidualBlock(in_features, features, strides, self.momentum, dtype=self.dtype))
+                blocks.append(ResidualBlock(in_features, features, strides, self.momentum,
+                                            dtype=self.dtype, param_dtype=self.param_dtype))
                 in_features = features
         # Linen names the submodules of a list attribute blocks_0, blocks_1, ...
         self.blocks = blocks
         self.dropout = nn.Dropout(self.dropout_rate)
-        self.head = nn.Dense(self.num_classes, dtype=self.dtype)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))

@@ -17,11 +17,12 @@ class Encoder(nn.Module):
     hidden: int
     latents: int
     dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype)
-        self.fc2_mean = nn.Dense(self.latents, dtype=self.dtype)
-        self.fc2_logvar = nn.Dense(self.latents, dtype=self.dtype)
+        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.fc2_mean = nn.Dense(self.latents, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.fc2_logvar = nn.Dense(self.latents, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = nn.relu(self.fc1(jnp.concatenate([x, y], axis=-1)))
@@ -32,10 +33,11 @@ class Decoder(nn.Module):
     hidden: int
     num_pixels: int
     dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype)
-        self.fc2 = nn.Dense(self.num_pixels, dtype=self.dtype)
+        self.fc1 = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.fc2 = nn.Dense(self.num_pixels, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, z: jax.Array, y: jax.Array) -> jax.Array:
         h = nn.relu(self.fc1(jnp.concatenate([z, y], axis=-1)))
@@ -55,11 +57,12 @@ class VAE(nn.Module):
     num_classes: int = 10
     latents: int = 20
     hidden: int = 500
-    dtype: Any = None  # computation dtype; parameters stay float32
+    dtype: Any = None  # computation dtype: bfloat16 for mixed precision
+    param_dtype: Any = jnp.float32  # the parameters' dtype: float64 for float64 runs
 
     def setup(self) -> None:
-        self.encoder = Encoder(self.hidden, self.latents, dtype=self.dtype)
-        self.decoder = Decoder(self.hidden, self.num_pixels, dtype=self.dtype)
+        self.encoder = Encoder(self.hidden, self.latents, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.decoder = Decoder(self.hidden, self.num_pixels, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(
         self, x: jax.Array, labels: jax.Array, z_rng: jax.Array

@@ -7,6 +7,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -15,16 +16,20 @@ class CNN(nnx.Module):
         self,
         in_shape: tuple[int, int, int],
         num_classes: int = 10,
-        dtype: Any = None,  # computation dtype; parameters stay float32
+        dtype: Any = None,  # computation dtype: bfloat16 for mixed precision
+        param_dtype: Any = jnp.float32,  # the parameters' dtype: float64 for float64 runs
         *,
         rngs: nnx.Rngs,
     ) -> None:
         height, width, channels = in_shape
         # Images are NHWC and kernels HWIO; nnx.Conv pads SAME by default.
-        self.conv1 = nnx.Conv(channels, 32, kernel_size=(3, 3), padding="SAME", dtype=dtype, rngs=rngs)
-        self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), padding="SAME", dtype=dtype, rngs=rngs)
-        self.dense1 = nnx.Linear((height // 4) * (width // 4) * 64, 256, dtype=dtype, rngs=rngs)
-        self.dense2 = nnx.Linear(256, num_classes, dtype=dtype, rngs=rngs)
+        self.conv1 = nnx.Conv(channels, 32, kernel_size=(3, 3), padding="SAME",
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), padding="SAME",
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense1 = nnx.Linear((height // 4) * (width // 4) * 64, 256,
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense2 = nnx.Linear(256, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.avg_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -17,14 +18,15 @@ class MLP(nnx.Module):
         in_features: int,
         hidden_sizes: Sequence[int] = (128, 128),
         num_classes: int = 10,
-        dtype: Any = None,  # computation dtype; parameters stay float32
+        dtype: Any = None,  # computation dtype: bfloat16 for mixed precision
+        param_dtype: Any = jnp.float32,  # the parameters' dtype: float64 for float64 runs
         *,
         rngs: nnx.Rngs,
     ) -> None:
         sizes = [in_features, *hidden_sizes, num_classes]
         # A list of submodules must be wrapped in nnx.List to be part of the state.
         self.layers = nnx.List(
-            nnx.Linear(n_in, n_out, dtype=dtype, rngs=rngs)
+            nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for n_in, n_out in zip(sizes[:-1], sizes[1:])
         )
 

@@ -25,19 +25,23 @@ class ResidualBlock(nnx.Module):
         strides: int = 1,
         momentum: float = 0.9,
         dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         *,
         rngs: nnx.Rngs,
     ) -> None:
         self.conv1 = nnx.Conv(in_features, features, kernel_size=(3, 3), strides=strides, padding="SAME",
-                              use_bias=False, dtype=dtype, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5, dtype=dtype, rngs=rngs)
+                              use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv2 = nnx.Conv(features, features, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                              dtype=dtype, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5, dtype=dtype, rngs=rngs)
+                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
+                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if strides != 1 or in_features != features:
             self.proj = nnx.Conv(in_features, features, kernel_size=(1, 1), strides=strides, padding="SAME",
-                                 use_bias=False, dtype=dtype, rngs=rngs)
-            self.proj_bn = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5, dtype=dtype, rngs=rngs)
+                                 use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.proj_bn = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
+                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         else:
             self.proj = None
             self.proj_bn = None
@@ -61,27 +65,30 @@ class ResNet(nnx.Module):
         width: int = 16,
         dropout_rate: float = 0.1,
         momentum: float = 0.9,
-        dtype: Any = None,  # computation dtype; parameters stay float32
+        dtype: Any = None,  # computation dtype: bfloat16 for mixed precision
+        param_dtype: Any = jnp.float32,  # the parameters' dtype: float64 for float64 runs
         *,
         rngs: nnx.Rngs,
     ) -> None:
         # Images are NHWC and kernels HWIO.
         self.stem = nnx.Conv(in_channels, width, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                             dtype=dtype, rngs=rngs)
-        self.stem_bn = nnx.BatchNorm(width, momentum=momentum, epsilon=1e-5, dtype=dtype, rngs=rngs)
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, momentum=momentum, epsilon=1e-5,
+                                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         blocks = []
         in_features = width
         for stage, size in enumerate(stage_sizes):
             features = width * 2**stage
             for j in range(size):
                 strides = 2 if stage > 0 and j == 0 else 1
-                blocks.append(ResidualBlock(in_features, features, strides, momentum, dtype, rngs=rngs))
+                blocks.append(ResidualBlock(in_features, features, strides, momentum,
+                              dtype, param_dtype, rngs=rngs))
                 in_features = features
         # A list of submodules must be wrapped in nnx.List to be part of the state.
         self.blocks = nnx.List(blocks)
         # No rngs: the key comes with each call, so the layer holds no RNG state.
         self.dropout = nnx.Dropout(dropout_rate)
-        self.head = nnx.Linear(in_features, num_classes, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(in_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = nnx.relu(self.stem_bn(self.stem(x)))

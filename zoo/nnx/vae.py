@@ -14,10 +14,11 @@ from flax import nnx
 
 
 class Encoder(nnx.Module):
-    def __init__(self, in_features: int, hidden: int, latents: int, dtype: Any = None, *, rngs: nnx.Rngs) -> None:
-        self.fc1 = nnx.Linear(in_features, hidden, dtype=dtype, rngs=rngs)
-        self.fc2_mean = nnx.Linear(hidden, latents, dtype=dtype, rngs=rngs)
-        self.fc2_logvar = nnx.Linear(hidden, latents, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, hidden: int, latents: int, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, *, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2_mean = nnx.Linear(hidden, latents, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2_logvar = nnx.Linear(hidden, latents, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = nnx.relu(self.fc1(jnp.concatenate([x, y], axis=-1)))
@@ -25,9 +26,10 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, in_features: int, hidden: int, num_pixels: int, dtype: Any = None, *, rngs: nnx.Rngs) -> None:
-        self.fc1 = nnx.Linear(in_features, hidden, dtype=dtype, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, num_pixels, dtype=dtype, rngs=rngs)
+    def __init__(self, in_features: int, hidden: int, num_pixels: int, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, *, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(in_features, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, num_pixels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, z: jax.Array, y: jax.Array) -> jax.Array:
         h = nnx.relu(self.fc1(jnp.concatenate([z, y], axis=-1)))
@@ -49,13 +51,14 @@ class VAE(nnx.Module):
         num_classes: int = 10,
         latents: int = 20,
         hidden: int = 500,
-        dtype: Any = None,  # computation dtype; parameters stay float32
+        dtype: Any = None,  # computation dtype: bfloat16 for mixed precision
+        param_dtype: Any = jnp.float32,  # the parameters' dtype: float64 for float64 runs
         *,
         rngs: nnx.Rngs,
     ) -> None:
         self.num_classes = num_classes
-        self.encoder = Encoder(num_pixels + num_classes, hidden, latents, dtype, rngs=rngs)
-        self.decoder = Decoder(latents + num_classes, hidden, num_pixels, dtype, rngs=rngs)
+        self.encoder = Encoder(num_pixels + num_classes, hidden, latents, dtype, param_dtype, rngs=rngs)
+        self.decoder = Decoder(latents + num_classes, hidden, num_pixels, dtype, param_dtype, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, labels: jax.Array, rngs: nnx.Rngs
