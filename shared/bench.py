@@ -182,7 +182,9 @@ def _finite(grads: Any, params: Any) -> Any:
 
 
 def _compute_dtype(model: Model) -> Any:
-    return jnp.bfloat16 if model.precision == "bfloat16" else None
+    """What the idiomatic Equinox step casts the module and the pixels to (Equinox's layers
+    do not promote mixed dtypes): bfloat16 for mixed precision, float64 for float64 runs."""
+    return {"bfloat16": jnp.bfloat16, "float64": jnp.float64}.get(model.precision)
 
 
 def _nnx_step(model: Model, params: Any, model_state: Any, optimizer: Any,

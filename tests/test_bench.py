@@ -141,6 +141,22 @@ def test_idiomatic_steps_compute_what_the_loop_computes(name, compiled_cases):
     np.testing.assert_array_equal(losses[4], losses[3])
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_float64_steps_of_every_pattern_agree_to_float64_rounding(name, digits):
+    """zoo bench --precision float64: every style's and idiom's step runs in float64 (the
+    idiomatic Equinox step casts its module, whose convolutions do not promote mixed dtypes)
+    and three steps' losses agree with the reference's to 1e-12."""
+    batch = data.train_batches(digits.train, 8, 0, 0)[0]
+    with jax.enable_x64(True):
+        cases = bench.make_cases(name, ("flax", "nnx", "equinox"), batch, in_shape=digits.in_shape,
+                                 num_classes=10, precision="float64", **TINY.get(name, {}))
+        for case in cases:
+            bench.compile_case(case)
+        losses = np.array([[float(c.loss(c.run(1))) for _ in range(3)] for c in cases])
+    assert [c.precision for c in cases] == ["float64"] * len(cases)
+    np.testing.assert_allclose(losses[1:], np.broadcast_to(losses[0], losses[1:].shape), rtol=1e-12, atol=0)
+
+
 def test_batchnorm_flops_are_explained_only_by_identical_linear_algebra(digits, compiled_cases):
     """The ResNet's Haiku and Equinox steps do more FLOPs than the reference (their BatchNorm
     keeps and debiases its statistics its own way); the bench explains that only because their
