@@ -318,7 +318,8 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
         return "an input shape that is not three positive integers"
     if not _is_int(meta["num_classes"], 1):
         return "a number of classes that is not a positive integer"
-    if meta["precision"] not in styles_lib.PRECISIONS or meta["dataset"] not in data_lib.DATASETS:
+    if meta["precision"] not in styles_lib.PRECISIONS or (
+            meta["dataset"] not in data_lib.DATASETS and not (meta["dataset"] is None and "imported" in meta)):
         return "an unknown precision or dataset"
     if not isinstance(meta["config"], dict):
         return "a config that is not an object"
@@ -468,6 +469,40 @@ class Saver:
             self.manager.wait_until_finished()
             self.manager.close()
         self.manager = None
+
+
+def write_imported(directory: str | Path, reference: Model, params: Any, state: Any,
+                   source: dict[str, Any]) -> None:
+    """Write canonical ``params`` and ``state`` from outside (``zoo import``) as step 0 of a
+    checkpoint: no dataset, no optimiser state, the source described under ``imported``."""
+    directory = Path(directory)
+    flats = {"params": {p: np.asarray(v) for p, v in flatten(params).items()},
+             "state": {p: np.asarray(v) for p, v in flatten(state).items()}}
+    check_canonical_like = _canonical_shapes(reference)
+    for item, like in zip(("params", "state"), check_canonical_like):
+        want = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flatten(like).items()}
+        got = {p: (v.shape, v.dtype) for p, v in flats[item].items()}
+        if want != got:
+            bad = sorted(set(want) ^ set(got)) or sorted(p for p in want if want[p] != got[p])
+            raise ZooError(f"the imported {item} do not fit {reference.name}: {bad[0]}")
+    meta = json.loads(json.dumps({
+        "format": FORMAT, "model": reference.name, "hparams": reference.hparams, "in_shape": reference.in_shape,
+        "num_classes": reference.num_classes, "precision": reference.precision, "style": source["style"],
+        "dataset": None, "train_examples": 0, "config": dataclasses.asdict(train_lib.TrainConfig()),
+        "versions": _versions(), "imported": source, "step": 0, "state_updates": 0,
+        "data_order": {"epoch": 0, "index": 0, "steps_per_epoch": 1},
+        "log": {"history": [], "step_losses": []},
+        "arrays": {f"{item}/{p}": {**_describe(v), "crc32": _crc(v)} for item, flat in flats.items()
+                   for p, v in flat.items()}}))
+    items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
+    with locked(directory):
+        manager = _manager(directory, read_only=False, keep=1)
+        try:
+            with _quiet(logging.CRITICAL):
+                manager.save(0, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
+                manager.wait_until_finished()
+        finally:
+            manager.close()
 
 
 # --------------------------------------------------------------------------- loading

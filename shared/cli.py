@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 
-from shared import bench, catalogue, checkpoint, compare, data, files, registry, sample, site, styles, train
+from shared import (bench, catalogue, checkpoint, compare, data, files, porting, registry, sample, site, styles,
+                    train)
 from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, one_line,
                          open_fraction, path_arg, positive_float, positive_int, seed)
 from shared.data import add_data_args
@@ -133,7 +134,7 @@ def build_parser() -> Parser:
                    help="skip the extra reference run from parameters moved by one ulp, which measures how "
                         "far rounding alone moves the result (the noise_floor and parity columns)")
 
-    for module in (sample, bench, site, catalogue):  # subcommands defined next to the code they drive
+    for module in (sample, bench, site, catalogue, porting):  # subcommands defined next to the code they drive
         module.register(sub)
     return parser
 
