@@ -214,7 +214,7 @@ if not getattr(sys.unraisablehook, "zoo_closed_loop", False):
 
 
 @contextlib.contextmanager
-def _quiet(level: int = logging.ERROR) -> Iterator[None]:
+def quiet(level: int = logging.ERROR) -> Iterator[None]:
     """Orbax reports routine events as absl warnings; keep the CLI's stderr for real ones."""
     logger = logging.getLogger("absl")
     previous = logger.level
@@ -230,7 +230,7 @@ def _manager(directory: Path, *, read_only: bool, keep: int | None = None):
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    with _quiet():
+    with quiet():
         return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
 
 
@@ -239,7 +239,7 @@ def steps(directory: str | Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    with _quiet():
+    with quiet():
         manager = _manager(directory, read_only=True)
         try:
             return sorted(manager.all_steps())
@@ -268,7 +268,7 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     directory = Path(directory)
     manager = _manager(directory, read_only=True)
     try:
-        with _quiet():
+        with quiet():
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as error:  # orbax and tensorstore raise many kinds; all mean the same here
         raise _unreadable(directory, step, error) from None
@@ -386,7 +386,7 @@ def _restore_arrays(directory: Path, step: int, meta: dict[str, Any],
                for item, flat in expected.items() if flat}
     manager = _manager(directory, read_only=True)
     try:
-        with _quiet():
+        with quiet():
             restored = manager.restore(step, args=ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(target) for item, target in targets.items()}))
     except Exception as error:
@@ -455,7 +455,7 @@ class Saver:
         items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
         if self.manager is None:
             self.manager = _manager(self.directory, read_only=False, keep=self.keep)
-        with _quiet(logging.CRITICAL):  # see close(): a failed or interrupted save is raised, not logged
+        with quiet(logging.CRITICAL):  # see close(): a failed or interrupted save is raised, not logged
             self.manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(strict(meta))),
                               force=True)
 
@@ -465,7 +465,7 @@ class Saver:
             return
         # Orbax logs a failed (or interrupted: Ctrl-C) save with its traceback, then raises it;
         # the exception is what the caller reports, in one line.
-        with _quiet(logging.CRITICAL):
+        with quiet(logging.CRITICAL):
             self.manager.wait_until_finished()
             self.manager.close()
         self.manager = None
@@ -498,7 +498,7 @@ def write_imported(directory: str | Path, reference: Model, params: Any, state: 
     with locked(directory):
         manager = _manager(directory, read_only=False, keep=1)
         try:
-            with _quiet(logging.CRITICAL):
+            with quiet(logging.CRITICAL):
                 manager.save(0, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)), force=True)
                 manager.wait_until_finished()
         finally:

@@ -46,7 +46,7 @@ from shared.errors import ZooError
 from shared.layouts import flatten_canonical
 from shared.registry import MODELS, NAMES, STYLES
 
-FORMATS = ("msgpack", "npz", "eqx", "orbax")
+EXPORT_FORMATS = ("msgpack", "npz", "eqx")  # zoo import also reads Orbax folders
 SUFFIXES = {".msgpack": "msgpack", ".npz": "npz", ".eqx": "eqx"}
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".p", ".pt", ".pth", ".ckpt")
 # Leaf names the frameworks give a layer's arrays, and the canonical name of each.
@@ -97,7 +97,7 @@ def read_dict(path: Path, fmt: str) -> tuple[dict[str, np.ndarray], dict[str, np
         else:
             if (path / "meta").exists() or checkpoint.steps(path):
                 raise ZooError(f"{path} is a zoo checkpoint already: give it to --init-from as it is")
-            with checkpoint._quiet():
+            with checkpoint.quiet():
                 tree = ocp.StandardCheckpointer().restore(path.absolute())
     except ZooError:
         raise
@@ -287,8 +287,8 @@ def _read_eqx(path: Path, native: styles_lib.Model) -> tuple[Any, Any]:
 
 def export(path: str | Path, style: str, fmt: str, out: str | Path) -> Path:
     """Write the parameters (and state) of the checkpoint at ``path`` as ``style``'s users save them."""
-    if fmt not in ("msgpack", "npz", "eqx"):
-        raise ZooError(f"--format must be msgpack, npz or eqx, got {fmt}")
+    if fmt not in EXPORT_FORMATS:
+        raise ZooError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt}")
     if fmt == "eqx" and style != "equinox":
         raise ZooError("--format eqx is Equinox's: give --style equinox")
     model, params, state = checkpoint.load_variables(path, style)
@@ -340,7 +340,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint's parameters the way a framework's users load them")
     p.add_argument("checkpoint", type=path_arg, metavar="CHECKPOINT")
     p.add_argument("--style", required=True, choices=STYLES)
-    p.add_argument("--format", required=True, choices=("msgpack", "npz", "eqx"))
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--out", type=path_arg, required=True, metavar="FILE")
     p.set_defaults(handler=run_export)
 

@@ -313,8 +313,8 @@ def test_an_unfinished_save_is_never_read_and_the_next_save_of_its_step_replaces
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(style, data_dir, tmp_path,
-                                                                             capsys):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(style, data_dir, digits, tmp_path,
+                                                                             capsys):  # digits: built already
     directory = tmp_path / "ckpt"
     code = zoo("train", "cnn", "--style", style, "--lr", "1e12", "--epochs", "1", "--batch-size", "32",
                "--save-every", 1, "--checkpoint-dir", directory, "--no-progress", "--data-dir", data_dir,

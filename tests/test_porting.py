@@ -27,7 +27,6 @@ import pytest
 
 from shared import checkpoint, mnist
 from shared.cli import main
-from shared.layouts import flatten_canonical
 from shared.registry import STYLES
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -201,5 +200,3 @@ def test_shapes_that_do_not_fit_are_refused_in_one_line(peers, tmp_path, capsys)
     err = refused(capsys, "import", file, "--model", "cnn", "--from", "haiku", "--out", tmp_path / "out")
     assert "the file has 3 modules with parameters and the model 4" in err
     assert not (tmp_path / "out").exists()
-    flat = flatten_canonical(jax.eval_shape(lambda: {"x": jnp.zeros(3)}))
-    assert flat  # (flatten_canonical takes any nested dict)
