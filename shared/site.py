@@ -327,6 +327,19 @@ def differences(measured: dict[str, dict[str, Measured]],
                        "sees one example, so the batch styles draw per example too, or the numbers differ",
         }, ("zoo/test_parity.py::test_vae_draws_the_same_noise",)),
         *normalisation_rows(),
+        Difference("Float64 parameters (`--precision float64`, x64 mode)", {
+            "jax": "the reference's initialisers name `jnp.float32`: the adapter widens the parameters once, "
+                   "after `init`",
+            "flax": "`param_dtype=jnp.float64` in every layer (the default stays float32 under x64); "
+                    "`nn.BatchNorm` creates `batch_stats` in float32 whatever `param_dtype` says",
+            "nnx": "`param_dtype=jnp.float64` in every layer; `nnx.BatchNorm` creates its `BatchStat`s in "
+                   "float32 whatever `param_dtype` says",
+            "haiku": "parameters take the dtype of the example input given to `init`: float32 pixels give "
+                     "float32 parameters even under x64",
+            "equinox": "layers are created in float64 under x64 (`default_floating_dtype`), but "
+                       "convolutions refuse a float32 input instead of promoting it: cast the images too",
+        }, ("zoo/test_parity.py::test_float64_dtypes_as_each_framework_makes_them",
+            "zoo/test_parity.py::test_float64_training_matches_the_reference_to_1e_10")),
         Difference("Parameters and state", {
             "jax": f"a nested dict you build and pass: {example['jax']}",
             "flax": f"`init` returns `{{'params': ...}}`; the module holds none: {example['flax']}",

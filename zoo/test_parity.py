@@ -31,10 +31,14 @@ Tolerances, for float32 on a CPU:
 
 import functools
 
+import equinox as eqx
+import flax.linen as linen
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from shared import compare
 from shared import data as data_lib
@@ -432,6 +436,28 @@ def test_float64_training_matches_the_reference_to_1e_10(model, digits):
         assert row["max_state_diff"] is None or row["max_state_diff"] <= FLOAT64_PARAM_ATOL, row
         if row["style"] in BITWISE and not MODELS[model].state:  # BatchNorm's statistics round apart
             assert row["max_param_diff"] == 0.0, row
+
+
+def test_float64_dtypes_as_each_framework_makes_them():
+    """What each framework creates under x64 (the porting table's float64 row), on tiny layers."""
+    key = jax.random.key(0)
+    with jax.enable_x64(True):
+        x32 = jnp.zeros((1, 4, 4, 1), jnp.float32)
+        reference = styles_lib.build("mlp", "jax", in_shape=(4, 4, 1)).module
+        assert reference.init(key, 16)["layers_0"]["kernel"].dtype == jnp.float32
+        assert linen.Dense(3).init(key, x32)["params"]["kernel"].dtype == jnp.float32
+        assert linen.Dense(3, param_dtype=jnp.float64).init(key, x32)["params"]["kernel"].dtype == jnp.float64
+        stats = linen.BatchNorm(use_running_average=False, param_dtype=jnp.float64).init(key, x32)["batch_stats"]
+        assert stats["mean"].dtype == jnp.float32
+        bn = nnx.BatchNorm(1, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        assert bn.scale.dtype == jnp.float64 and bn.mean.dtype == jnp.float32
+        linear = hk.transform(lambda x: hk.Linear(3)(x))
+        assert linear.init(key, x32.reshape(1, -1))["linear"]["w"].dtype == jnp.float32
+        conv = eqx.nn.Conv2d(1, 2, 3, key=key)
+        assert conv.weight.dtype == jnp.float64
+        with pytest.raises(TypeError, match="same dtypes"):
+            conv(jnp.zeros((1, 4, 4), jnp.float32))
+        assert conv(jnp.zeros((1, 4, 4), jnp.float64)).dtype == jnp.float64
 
 
 def test_float64_needs_x64_and_says_how():
