@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from shared import data as data_lib
-from shared import registry
+from shared import files, registry
 from shared import styles as styles_lib
 from shared import train as train_lib
 from shared.errors import ZooError
@@ -157,26 +156,11 @@ def locked(directory: str | Path) -> Iterator[None]:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as error:  # a folder or a symbolic link in the lock's place
-            raise ZooError(f"cannot lock {path} ({error.strerror}); it should be a plain file zoo makes: "
-                           "remove it") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ZooError(f"{directory} is in use by another zoo run ({holder}); wait for it to end, "
-                           "or choose another --checkpoint-dir") from None
-        try:  # the file may have been removed by its last holder between our open and flock
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+    try:
+        fd = files.acquire_lock(path, wait=False)
+    except files.LockHeld as held:
+        raise ZooError(f"{directory} is in use by another zoo run ({held.holder or 'unknown'}); wait for it to "
+                       "end, or choose another --checkpoint-dir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _held[directory] = 1
@@ -184,10 +168,9 @@ def locked(directory: str | Path) -> Iterator[None]:
         yield
     finally:
         del _held[directory]
-        os.unlink(path)
+        files.release_lock(path, fd)
         if created and not any(directory.iterdir()):
             os.rmdir(directory)
-        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------- orbax
@@ -552,7 +535,7 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
         directory, step = resolve(directory)
     where = directory / str(step)
     meta = read_meta(directory, step)
-    already_complete(where, model, dataset, config)  # refuses another run's, or one past the end of this
+    _complete(meta, model, dataset, config, where)  # refuses another run's, or one past the end of this
 
     steps_per_epoch = len(dataset.train) // config.batch_size
     optimizer = train_lib.make_optimizer(config, steps_per_epoch * config.epochs,
@@ -709,11 +692,17 @@ def already_complete(directory: str | Path, model: Model, dataset: data_lib.Data
     A checkpoint beyond that (resumed with fewer ``--epochs`` than it has done) is refused.
     """
     folder, step = resolve(directory)
-    _check_resumable(read_meta(folder, step), model, dataset, config, folder / str(step))
-    total = len(dataset.train) // config.batch_size * config.epochs
+    return _complete(read_meta(folder, step), model, dataset, config, folder / str(step))
+
+
+def _complete(meta: dict[str, Any], model: Model, dataset: data_lib.Dataset, config: train_lib.TrainConfig,
+              where: Path) -> bool:
+    """:func:`already_complete` for metadata already read."""
+    _check_resumable(meta, model, dataset, config, where)
+    step, total = meta["step"], len(dataset.train) // config.batch_size * config.epochs
     if step > total:
         epochs = f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}"
-        raise ZooError(f"cannot resume from {folder / str(step)}: it is at step {step}, past the {total} steps "
+        raise ZooError(f"cannot resume from {where}: it is at step {step}, past the {total} steps "
                        f"of {epochs}; give --epochs {-(-step // max(total // config.epochs, 1))} "
                        "or more (or leave --epochs out to take it from the checkpoint)")
     return step == total

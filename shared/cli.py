@@ -31,14 +31,7 @@ style_list = choice_list(STYLES, "style")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", choices=NAMES, help="which model")
-    for name, (hparam, models) in registry.hparam_flags().items():
-        defaults = "; ".join(f"{m}: {_show_default(MODELS[m].defaults[name])}" for m in models)
-        p.add_argument(hparam.flag, dest=name, type=hparam.parse,
-                       help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
-
-
-def _show_default(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    registry.add_hparam_flags(p)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -141,14 +134,7 @@ def build_parser() -> Parser:
 
 def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
     """The hyperparameters given on the command line for ``args.model`` (the rest take defaults)."""
-    spec = MODELS[args.model]
-    given = {h.name: getattr(args, h.name) for h in spec.hparams if getattr(args, h.name, None) is not None}
-    others = [hparam.flag for name, (hparam, _) in registry.hparam_flags().items()
-              if name not in spec.defaults and getattr(args, name, None) is not None]
-    if others:
-        raise ZooError(f"{args.model} does not take {', '.join(others)}; its hyperparameters are "
-                       f"{', '.join(h.flag for h in spec.hparams) or 'none'}")
-    return given
+    return registry.given_hparams(args.model, vars(args))
 
 
 def config_from(args: argparse.Namespace):
@@ -305,14 +291,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.init_from:
         files.input_path(args.init_from, "--init-from")
     data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
-    hparams_from(args)
+    hparams = hparams_from(args)
     dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
     init_canonical = init_state = None
     if args.init_from:
         init_canonical, init_state, _ = checkpoint.read_canonical(
-            args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams_from(args))
+            args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams)
     rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
-                              progress=not args.no_progress, hparams=hparams_from(args),
+                              progress=not args.no_progress, hparams=hparams,
                               init_canonical=init_canonical, init_canonical_state=init_state,
                               noise_floor=not args.no_noise_floor)
     files.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
@@ -335,6 +321,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 COMMANDS = {"list": cmd_list, "train": cmd_train, "compare": cmd_compare}
 
 
+def _stdout_to_nowhere() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail again on it."""
+    with contextlib.suppress(OSError, ValueError):  # (a captured stdout has no file descriptor)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     for name in ("stdout", "stderr"):  # started with a closed stream (zoo list >&-): write nowhere, not crash
@@ -349,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
         except OSError as error:
             print(f"zoo: error: stdout: {error.strerror}", file=sys.stderr)
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _stdout_to_nowhere()
             return 1
         raise done
     args.argv = argv
@@ -373,13 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo: training stopped: {one_line(str(error))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # stdout closed early (zoo show | head): stop quietly, as other tools do
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_nowhere()
         return 1
     except OSError as error:  # checked paths can still fail: a full disk, a folder removed meanwhile
         print(f"zoo: error: {one_line(files.describe(error))}", file=sys.stderr)
-        with contextlib.suppress(OSError):  # stdout itself may be what failed: nothing more goes there
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_nowhere()  # stdout itself may be what failed
         return 1
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -144,32 +143,17 @@ def _builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
 def _lock(path: Path) -> Iterator[None]:
     """Serialise builds (and checks) of one dataset across processes (parallel tests, two shells).
 
-    The lock file is removed on the way out, while still held; a process that opened it
-    meanwhile finds it gone once it gets the lock, and takes a new one.
+    The lock file is removed on the way out (see :func:`shared.files.acquire_lock`).
     """
-    while True:
-        try:
-            handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a")
-        except PermissionError:  # a read-only data dir, shared by a team: nothing is built in it
-            yield
-            return
-        except OSError as error:  # a folder or a symbolic link in the lock's place
-            raise ZooError(f"cannot lock {path} ({error.strerror}); it should be a plain file zoo makes: "
-                           "remove it") from None
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()
+    try:
+        fd = files.acquire_lock(path, wait=True)
+    except PermissionError:  # a read-only data dir, shared by a team: nothing is built in it
+        yield
+        return
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        handle.close()
+        files.release_lock(path, fd)
 
 
 # Written beside a dataset once it is built: the size and sha256 of every file, checked before every read.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -123,6 +124,57 @@ def describe(error: OSError) -> str:
     where = " -> ".join(str(p) for p in (error.filename, error.filename2) if p is not None)
     what = error.strerror or str(error) or type(error).__name__
     return f"{where}: {what}" if where else what
+
+
+# --------------------------------------------------------------------------- locks
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote in the lock file."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def acquire_lock(path: Path, *, wait: bool) -> int:
+    """A file descriptor holding an exclusive ``flock`` on the file now at ``path`` (made if missing).
+
+    The file is opened without following a link (a link in its place is refused, not
+    written through). With ``wait`` False a lock held elsewhere raises :class:`LockHeld`.
+    A holder removes the file on the way out (:func:`release_lock`) while still holding
+    it, so a process that opened it meanwhile finds another inode at ``path`` once it
+    gets the lock, and tries again. ``PermissionError`` (a read-only folder) is left to
+    the caller.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError:
+            raise
+        except OSError as error:  # a folder or a symbolic link in the lock's place
+            raise ZooError(f"cannot lock {path} ({error.strerror}); it should be a plain file zoo makes: "
+                           "remove it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockHeld(holder) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def release_lock(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it, then let go (closing releases the lock)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
 
 
 # --------------------------------------------------------------------------- writing

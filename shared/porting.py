@@ -44,7 +44,7 @@ from shared import styles as styles_lib
 from shared.args import int_list, path_arg
 from shared.errors import ZooError
 from shared.layouts import flatten_canonical
-from shared.registry import MODELS, NAMES, STYLES
+from shared.registry import NAMES, STYLES
 
 EXPORT_FORMATS = ("msgpack", "npz", "eqx")  # zoo import also reads Orbax folders
 SUFFIXES = {".msgpack": "msgpack", ".npz": "npz", ".eqx": "eqx"}
@@ -331,8 +331,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-shape", type=int_list, default=(28, 28, 1), metavar="H,W,C",
                    help="the images the model was made for (default: 28,28,1, MNIST)")
     p.add_argument("--num-classes", type=int, default=10)
-    for name, (hparam, models) in registry.hparam_flags().items():
-        p.add_argument(hparam.flag, dest=name, type=hparam.parse, help=f"{', '.join(models)}: {hparam.help}")
+    registry.add_hparam_flags(p)
     p.add_argument("--map", type=path_arg, metavar="FILE", help="JSON pairs {\"file's module\": \"model's module\"}")
     p.add_argument("--out", type=path_arg, required=True, help="the zoo checkpoint folder to write (new or empty)")
     p.set_defaults(handler=run_import)
@@ -361,12 +360,7 @@ def run_import(args: argparse.Namespace) -> int:
         if not (isinstance(names, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in names.items())):
             raise ZooError(f"--map {args.map} must be a JSON object of names: {{\"Dense_0\": \"dense1\"}}")
-    spec = MODELS[args.model]
-    hparams = {h.name: getattr(args, h.name) for h in spec.hparams if getattr(args, h.name, None) is not None}
-    others = [hparam.flag for name, (hparam, _) in registry.hparam_flags().items()
-              if name not in spec.defaults and getattr(args, name, None) is not None]
-    if others:
-        raise ZooError(f"{args.model} does not take {', '.join(others)}")
+    hparams = registry.given_hparams(args.model, vars(args))
     imported = import_params(source, args.model, args.style, in_shape=tuple(args.in_shape),
                              num_classes=args.num_classes, names=names, **hparams)
     checkpoint.write_imported(out, imported.model, imported.params, imported.state,

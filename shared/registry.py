@@ -16,6 +16,7 @@ Adding a model of an existing kind is five model files and one entry in
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -171,3 +172,28 @@ def hparam_flags() -> dict[str, tuple[HParam, list[str]]]:
                 raise RuntimeError(f"hyperparameter {h.name} is parsed two ways")
             flags.setdefault(h.name, (h, []))[1].append(spec.name)
     return flags
+
+
+def _show_default(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def add_hparam_flags(parser: argparse.ArgumentParser) -> None:
+    """One command-line flag per hyperparameter of any model, with each model's default in its help."""
+    for name, (hparam, models) in hparam_flags().items():
+        defaults = "; ".join(f"{m}: {_show_default(MODELS[m].defaults[name])}" for m in models)
+        parser.add_argument(hparam.flag, dest=name, type=hparam.parse,
+                            help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
+
+
+def given_hparams(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of model ``name`` among parsed flags ``values`` (None: not given);
+    a flag given that belongs to another model is refused in one line."""
+    spec = get(name)
+    given = {h.name: values[h.name] for h in spec.hparams if values.get(h.name) is not None}
+    others = [hparam.flag for flag, (hparam, _) in hparam_flags().items()
+              if flag not in spec.defaults and values.get(flag) is not None]
+    if others:
+        raise ZooError(f"{name} does not take {', '.join(others)}; its hyperparameters are "
+                       f"{', '.join(h.flag for h in spec.hparams) or 'none'}")
+    return given
