@@ -76,6 +76,8 @@ def detect_format(path: Path) -> str:
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested dict's arrays by "/"-joined path, in the dict's own order (``checkpoint.flatten``
+    sorts the keys, and the reference's insertion order is the network's order)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -233,20 +235,10 @@ def import_params(path: str | Path, model_name: str, style: str, *, in_shape: tu
     if style not in RENAMABLE:
         raise ZooError(f"{path}: its names are not the catalogue's {style} names, and {style} stores kernels "
                        "transposed, so they cannot be matched by shape; save the catalogue's own model")
-    target = _network_order(reference)
-    mapping = map_names(_modules(flat, canonical_names=False), target, names)
     source = _modules(flat, canonical_names=False)
-    canonical: dict[str, Any] = {}
-    for src, dst in mapping.items():
-        for role, value in source[src].items():
-            canonical[f"{dst}/{role}"] = value
-    nested = {}
-    for key, value in canonical.items():
-        node = nested
-        *parents, last = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+    mapping = map_names(source, _network_order(reference), names)
+    nested = checkpoint._nest({f"{dst}/{role}": value for src, dst in mapping.items()
+                               for role, value in source[src].items()})
     reference.from_canonical(nested)  # checks every path and shape against the model, in one line
     return Imported(reference, nested, _initial_state(reference), mapping, fmt)
 
