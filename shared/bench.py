@@ -98,6 +98,8 @@ API = {
 # An HLO instruction converting dtypes: "%c = bf16[128,64]{1,0} convert(%p), ...".
 _CONVERT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+convert\(")
 _LINEAR = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+(convolution|dot)\(")
+_DEFINED = re.compile(r"(%[\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+_DOT = re.compile(r"=\s*\w+\[([\d,]*)\]\S*\s+dot\((%[\w.\-]+),.*?lhs_contracting_dims=\{([\d,]*)\}")
 DEFAULT_BATCH_SIZES = (128, 8)
 DEFAULT_OUT = Path("runs/bench")
 ROW_KEYS = ("model", "style", "pattern", "batch_size", "precision", "step_ms", "step_ratio", "compile_s",
@@ -126,6 +128,9 @@ class Case:
     # What compile_case lowers, when ``fn`` itself cannot be lowered (nnx.cached_partial
     # returns a plain function over the same nnx.jit step).
     lower: Callable[[], Any] | None = None
+    # Matrix work this style does beyond the reference's by design of its layers (the registry's
+    # ``extra_work``): (multiply-adds in the compiled step, why).
+    extra_work: tuple[int, str] | None = None
 
     @property
     def label(self) -> str:
@@ -315,11 +320,16 @@ def make_cases(name: str, styles: Sequence[str], batch: dict[str, np.ndarray], *
             canonical = model.to_canonical(start_params), model.state_to_canonical(start_state)
         params = jax.device_put(model.from_canonical(canonical[0]))
         model_state = jax.device_put(model.state_from_canonical(canonical[1], 0))
+        added = len(cases)
         if "fast" in patterns or style == "jax":
             cases.append(fast_case(model, params, model_state, device_batch, config, train_key))
         for pattern in ("idiomatic", "guided"):
             if pattern in patterns and style not in IDIOMATIC_IS_FAST:
                 cases.append(idiomatic_case(model, params, model_state, device_batch, config, train_key, pattern))
+        if style in model.spec.extra_work:
+            why, macs = model.spec.extra_work[style]
+            for case in cases[added:]:
+                case.extra_work = (macs(batch_size, tuple(in_shape), model.hparams), why)
     return cases
 
 
@@ -344,13 +354,17 @@ def compile_case(case: Case) -> dict[str, Any]:
         hlo = compiled.as_text()
         converts: float | None = float(convert_elements(hlo))
         linear: list | None = linear_algebra(hlo)
+        macs: int | None = dot_macs(hlo)
+        loops: int | None = hlo.count(" while(")
     except Exception:  # no HLO text from this backend: differences stay unexplained
-        converts, linear = None, None
+        converts, linear, macs, loops = None, None, None, None
     info: dict[str, Any] = {
         "compile_s": compile_s,
         "flops": _number(cost.get("flops")),
         "convert_flops": converts,
         "linear_ops": linear,
+        "dot_macs": macs,
+        "while_loops": loops,
         "transcendentals": _number(cost.get("transcendentals")),
         "bytes_accessed": _number(cost.get("bytes accessed")),
         "memory": None, "peak_bytes": None,
@@ -387,6 +401,23 @@ def linear_algebra(hlo: str) -> list[list]:
         key = (op, math.prod(int(d) for d in dims.split(",") if d))
         counts[key] = counts.get(key, 0) + 1
     return [[op, size, n] for (op, size), n in sorted(counts.items())]
+
+
+def dot_macs(hlo: str) -> int:
+    """Multiply-adds of an HLO module's matrix products, each counted once as written.
+
+    Output elements times the contracted size. Two steps with the same total do
+    the same matrix arithmetic even if they group it differently: one
+    ``(in + hidden, 4 * hidden)`` product for an LSTM's four gates (Haiku)
+    against eight per-gate products, or per-example products under ``vmap``.
+    """
+    shapes = {name: [int(d) for d in dims.split(",") if d] for name, dims in _DEFINED.findall(hlo)}
+    total = 0
+    for out_dims, lhs, contracting in _DOT.findall(hlo):
+        lhs_shape = shapes.get(lhs, [])
+        inner = math.prod(lhs_shape[int(i)] for i in contracting.split(",") if i) if lhs_shape else 0
+        total += math.prod(int(d) for d in out_dims.split(",") if d) * inner
+    return total
 
 
 def _number(value: Any) -> float | None:
@@ -554,6 +585,8 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
         "dataset": dataset.name,
         "in_shape": list(dataset.in_shape), "device": where, "load_avg": os.getloadavg()[0],
         "framework": _framework_version(case.style),
+        "extra_macs": case.extra_work[0] if case.extra_work else 0,
+        "extra_work": case.extra_work[1] if case.extra_work else None,
     } for case, info, timing in zip(cases, compiled, timings)]
 
 
@@ -646,6 +679,24 @@ def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["flops_note"] = (f"the same {ops} convolutions and matrix products; the other "
                                  f"{row['flops_diff']:+,.0f} FLOPs are elementwise work around them (the framework's "
                                  "own BatchNorm statistics and debiasing, step counters)")
+        convolutions = [op for op in row.get("linear_ops") or [] if op[0] == "convolution"]
+        if (not row["flops_equal"] and row["flops_note"] is None and row.get("dot_macs")
+                and row["style"] not in MODELS[row["model"]].bitwise
+                and ref.get("dot_macs") and row["dot_macs"] - ref["dot_macs"] == row.get("extra_macs", 0)
+                and row.get("linear_ops") is not None and row["linear_ops"] != ref.get("linear_ops")
+                and convolutions == [op for op in ref.get("linear_ops") or [] if op[0] == "convolution"]):
+            # A style that sums in another order (not bitwise for this model, says the registry)
+            # and whose matrix products are grouped otherwise (Equinox's per-example products
+            # under vmap, Haiku's one LSTM matmul for four gates): the same multiply-adds, plus
+            # exactly the extra work the registry predicts for it. That the function is the same
+            # is the parity tests' job (zoo/test_parity.py).
+            dots = sum(n for op, _, n in row["linear_ops"] if op == "dot")
+            ref_dots = sum(n for op, _, n in ref["linear_ops"] if op == "dot")
+            extra = (f", plus {row['extra_macs']:,} predicted exactly: {row['extra_work']}"
+                     if row.get("extra_macs") else "")
+            row["flops_note"] = (f"the same {ref['dot_macs']:,} multiply-adds in its matrix products, grouped "
+                                 f"as {dots} products against the reference's {ref_dots}{extra}; the rest of "
+                                 f"the {row['flops_diff']:+,.0f} FLOPs is elementwise work around them")
         row["bytes_ratio"] = (row["bytes_accessed"] / ref["bytes_accessed"]
                               if row["bytes_accessed"] and ref["bytes_accessed"] else None)
         row["examples_per_s"] = row["batch_size"] / (row["step_ms"] / 1e3)
@@ -758,6 +809,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
                    f"examples/s, {fastest['data_headroom']:.0f}x what the fastest step "
                    f"({fastest['model']}/{fastest['style']}) consumes; with the loop's device_put "
                    f"{fastest['feed_examples_per_s']:,.0f} examples/s, {fastest['feed_headroom']:.1f}x")
+        out.extend(scan_costs(at))
     rows = [r for r in rows if not r.get("same_as")]  # an alias repeats the row it names
     failures = flops_failures(rows)
     notes = list(dict.fromkeys(r["flops_note"] for r in rows if r.get("flops_note")))
@@ -768,6 +820,28 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     out.append(f"compiled FLOPs equal the reference's in every {'other ' if notes else ''}row" if not failures
                else "FLOPs differ from the reference (the style computes something else): "
                + "; ".join(failures))
+    return out
+
+
+def scan_costs(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """For a model whose reference step loops (a recurrent ``lax.scan``), what each style's own
+    scan idiom costs against it (``nn.RNN``, ``nnx.RNN``, ``hk.dynamic_unroll``: see the porting
+    table), as measured fast-pattern ratios; above the noise (the lower quartile over 1), with
+    what the compiled steps show: their loops and the bytes they move."""
+    out = []
+    for ref in (r for r in rows if r["style"] == "jax" and r["pattern"] == "fast" and r.get("while_loops")):
+        styles = [r for r in rows if r["model"] == ref["model"] and r["pattern"] == "fast" and r["style"] != "jax"]
+        cells = []
+        for r in styles:
+            cell = f"{r['style']} {r['step_ratio']:.2f}x ({r['step_ratio_iqr'][0]:.2f}-{r['step_ratio_iqr'][1]:.2f})"
+            if r["step_ratio_iqr"][0] > 1.0:
+                cell += (f": {r['extra_ms']:+.3f} ms, {r['while_loops']} loops against {ref['while_loops']}, "
+                         f"{r['bytes_ratio']:.2f}x the bytes accessed" if r.get("bytes_ratio") else "")
+            cells.append(cell)
+        above = [r["style"] for r in styles if r["step_ratio_iqr"][0] > 1.0]
+        out.append(f"batch {ref['batch_size']}: {ref['model']} scans ({ref['while_loops']} loops in plain JAX's "
+                   f"compiled step); each style's own scan idiom against lax.scan: {'; '.join(cells)}; "
+                   + (f"above the noise: {', '.join(above)}" if above else "none above the noise"))
     return out
 
 

@@ -87,17 +87,21 @@ def _params_like(model: Model):
 
 
 def to_canonical_tree(model: Model, tree: Any) -> Any:
-    """``tree`` with every subtree shaped like the parameters in the canonical layout."""
+    """An optimiser state with every subtree shaped like the parameters in the canonical layout.
+
+    Those subtrees are moments of the gradients (Adam's ``mu`` and ``nu``), so a
+    converter's constant offsets (Haiku's forget-gate bias) do not apply.
+    """
     params_like = _params_like(model)
-    return jax.tree.map(lambda node: model.to_canonical(node) if params_like(node) else node,
-                        tree, is_leaf=params_like)
+    return jax.tree.map(lambda node: model.converter.to_canonical(node, offsets=False) if params_like(node)
+                        else node, tree, is_leaf=params_like)
 
 
 def from_canonical_tree(model: Model, canonical: Any, like: Any) -> Any:
     """The inverse of :func:`to_canonical_tree`; ``like`` is a native tree of the wanted structure."""
     params_like = _params_like(model)
-    return jax.tree.map(lambda node, value: model.from_canonical(value) if params_like(node) else value,
-                        like, canonical, is_leaf=params_like)
+    return jax.tree.map(lambda node, value: model.converter.from_canonical(value, offsets=False)
+                        if params_like(node) else value, like, canonical, is_leaf=params_like)
 
 
 def flatten(tree: Any) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, help="epochs (default: per model, "
                    + ", ".join(f"{m} {spec.epochs}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default: per model, "
+                   + ", ".join(f"{m} {spec.lr:g}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--seed", type=seed, default=0,
                    help="seeds parameters, batch order and noise, 0 to 2**32 - 1 (default: 0)")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
@@ -46,8 +47,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="adamw's decoupled weight decay, >= 0 (default: 1e-4)")
     p.add_argument("--momentum", type=fraction, default=0.9,
                    help="sgd momentum in [0, 1), 0 for none (default: 0.9)")
-    p.add_argument("--schedule", choices=("constant", "warmup_cosine", "linear_warmup"), default="constant")
-    p.add_argument("--warmup-steps", type=non_negative_int, default=0)
+    p.add_argument("--schedule", choices=("constant", "warmup_cosine", "linear_warmup"),
+                   help="learning-rate schedule (default: per model, "
+                   + ", ".join(f"{m} {spec.schedule}" for m, spec in MODELS.items()) + ")")
+    p.add_argument("--warmup-steps", type=non_negative_int,
+                   help="(default: per model, " + ", ".join(f"{m} {spec.warmup_steps}" for m, spec in MODELS.items())
+                   + ")")
     p.add_argument("--clip-norm", type=positive_float, help="clip gradients to this global norm first")
     p.add_argument("--ema", type=open_fraction, metavar="DECAY",
                    help="also keep and evaluate an EMA of the parameters, decay in (0, 1)")
@@ -142,7 +147,9 @@ def config_from(args: argparse.Namespace):
     return train.TrainConfig(
         epochs=args.epochs or spec.epochs, batch_size=args.batch_size, lr=args.lr or spec.lr,
         seed=args.seed, optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
-        schedule=args.schedule, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm, ema=args.ema,
+        schedule=args.schedule or spec.schedule,
+        warmup_steps=spec.warmup_steps if args.warmup_steps is None else args.warmup_steps,
+        clip_norm=args.clip_norm, ema=args.ema,
         freeze=tuple(args.freeze), train_only=tuple(args.train_only), devices=args.devices)
 
 
@@ -313,7 +320,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     different = [r["style"] for r in rows if r["parity"] == "DIFFERENT"]
     if different:
         print(f"zoo compare: {', '.join(different)} differ from plain JAX by more than the reference's own "
-              "drift from a one-ulp change of its start (the noise floor): not rounding", file=sys.stderr)
+              "drift from a one-ulp change of its start (the noise floor); a style that rounds differently at "
+              "every step can pass that floor by rounding alone: rerun with --precision float64, where "
+              "rounding shrinks to about 1e-15 and a real difference does not", file=sys.stderr)
         return 1
     return 0
 

@@ -6,17 +6,19 @@ called ``kernel`` and ``bias``, dense kernels ``(in, out)``, conv kernels HWIO,
 and a flattened feature map in HWC order.
 
 A :class:`Converter` is built from a style's parameter tree and holds one
-:class:`LeafRule` per leaf: where the leaf lives in the native tree, its
-canonical path, and the layout change between the two. The rules act leaf by
-leaf, so they convert anything shaped like the parameters (gradients, Adam
-moments, an EMA) as well as the parameters themselves, and they leave
-``optax.MaskedNode`` placeholders (frozen parameters) alone.
+:class:`LeafRule` per native leaf: where the leaf lives in the native tree, its
+canonical path, and the layout change between the two. A native leaf may hold
+several canonical ones (:class:`Split`: an LSTM's gates in one matrix), so the
+native leaves partition the canonical ones. The rules act leaf by leaf, so they
+convert anything shaped like the parameters (gradients, Adam moments, an EMA)
+as well as the parameters themselves, and they leave ``optax.MaskedNode``
+placeholders (frozen parameters) alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -71,13 +73,97 @@ def chw_rows_to_hwc(height: int, width: int, channels: int) -> Layout:
                   lambda x: x[perm], lambda x: x[inverse])
 
 
+def reshape(native: tuple[int, ...], canonical: tuple[int, ...]) -> Layout:
+    """A reshape between two shapes of the same elements in the same (row-major) order."""
+    return Layout(f"reshape {_shape(native)} -> {_shape(canonical)}",
+                  lambda x: x.reshape(canonical), lambda x: x.reshape(native))
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """A native leaf whose canonical path is not the one its own path gives.
+
+    Haiku calls the output projection of its attention ``linear`` where the
+    canonical layout (Linen's) calls it ``out``. ``layout`` applies after the
+    style's per-leaf conventions (a transpose).
+    """
+
+    canonical: str
+    layout: Layout = IDENTITY
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One native leaf that holds several canonical leaves, exactly.
+
+    An LSTM's gates: Haiku keeps one ``(in + hidden, 4 * hidden)`` matrix over
+    ``[x, h]`` in gate order i, g, f, o, Equinox one ``(4 * hidden, in)``
+    matrix in order i, f, g, o, where the canonical layout has a kernel per
+    gate. ``forward`` gives the parts in the order of ``parts``; ``backward``
+    puts them back. ``offsets`` are constants added to a part's parameter
+    values on the way to the canonical layout (Haiku adds 1 to the forget
+    gate's pre-activation inside its cell, so its bias is the canonical one
+    minus 1); they do not apply to gradients or optimiser moments, which a
+    constant shift of the parameters leaves unchanged.
+    """
+
+    note: str
+    parts: tuple[str, ...]
+    forward: Callable[[jax.Array], Sequence[jax.Array]]
+    backward: Callable[[Sequence[jax.Array]], jax.Array]
+    offsets: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafRule:
     native: str  # the leaf's path in the native tree, as jax.tree_util.keystr prints it
-    canonical: str  # "/"-joined path in the canonical dict
-    layout: Layout
+    parts: tuple[str, ...]  # its canonical path ("/"-joined); several for a Split
+    layout: Layout  # for a Split, only its note is used
     native_shape: tuple[int, ...] = ()
-    canonical_shape: tuple[int, ...] = ()
+    part_shapes: tuple[tuple[int, ...], ...] = ()
+    split: Split | None = None
+    renamed: bool = False  # a Renamed rule gave its canonical path
+
+    @property
+    def canonical(self) -> str:
+        """The canonical path, or for a split its parts in brace form (``lstm/cell/{ii,if,ig,io}/kernel``)."""
+        return self.parts[0] if len(self.parts) == 1 else brace(self.parts)
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        return self.part_shapes[0]
+
+    def forward(self, leaf: Any, offsets: bool) -> list[Any]:
+        if self.split is None:
+            return [self.layout.forward(leaf)]
+        values = list(self.split.forward(leaf))
+        if offsets:
+            values = [v + jnp.asarray(self.split.offsets[p], v.dtype) if p in self.split.offsets else v
+                      for p, v in zip(self.parts, values)]
+        return values
+
+    def backward(self, values: list[Any], offsets: bool) -> Any:
+        if self.split is None:
+            return self.layout.backward(values[0])
+        if offsets:
+            values = [v - jnp.asarray(self.split.offsets[p], v.dtype) if p in self.split.offsets else v
+                      for p, v in zip(self.parts, values)]
+        return self.split.backward(values)
+
+
+def brace(paths: Sequence[str]) -> str:
+    """``a/{x,y}/k`` for ``a/x/k`` and ``a/y/k``: several paths that differ in one segment, shown as one."""
+    split = [p.split("/") for p in paths]
+    if len({len(s) for s in split}) == 1:
+        differ = [i for i in range(len(split[0])) if len({s[i] for s in split}) > 1]
+        if len(differ) == 1:
+            i = differ[0]
+            return "/".join(split[0][:i] + ["{" + ",".join(s[i] for s in split) + "}"] + split[0][i + 1:])
+    return "{" + ",".join(paths) + "}"
 
 
 def _key_name(entry: Any) -> str | int:
@@ -136,7 +222,9 @@ def style_layout(style: str, canonical: str, shape: tuple[int, ...]) -> Layout:
 class Converter:
     """Maps one style's parameter tree to the canonical dict and back, exactly."""
 
-    def __init__(self, style: str, template: PyTree, extra: Mapping[str, Layout] | None = None):
+    def __init__(self, style: str, template: PyTree, extra: Mapping[str, Layout | Renamed | Split] | None = None):
+        """``extra``: rules beyond the style's per-leaf conventions, keyed by the canonical path the
+        leaf's own path gives (a Layout applied after the conventions, a rename, a split)."""
         self.style = style
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(template)
         extra = dict(extra or {})
@@ -145,20 +233,37 @@ class Converter:
             name = canonical_name(style, path)
             if style == "equinox" and name.endswith("/kernel") and np.ndim(leaf) == 1:
                 name = name[:-len("kernel")] + "scale"  # a BatchNorm's or LayerNorm's weight
-            layout = style_layout(style, name, tuple(np.shape(leaf)))
-            if name in extra:
-                layout = layout.then(extra.pop(name))
             shape = tuple(np.shape(leaf))
-            canonical_shape = tuple(jax.eval_shape(layout.forward, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
-            self.rules.append(LeafRule(jax.tree_util.keystr(path), name, layout, shape, canonical_shape))
-        names = [rule.canonical for rule in self.rules]
+            abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
+            rule = extra.pop(name, None)
+            if isinstance(rule, Split):
+                part_shapes = tuple(tuple(p.shape) for p in jax.eval_shape(rule.forward, abstract))
+                if len(part_shapes) != len(rule.parts):
+                    raise ValueError(f"{style}: the split of {name} gives {len(part_shapes)} parts, "
+                                     f"not {len(rule.parts)}")
+                self.rules.append(LeafRule(jax.tree_util.keystr(path), rule.parts, Layout(rule.note, None, None),
+                                           shape, part_shapes, rule))
+                continue
+            renamed = isinstance(rule, Renamed)
+            if renamed:
+                name, rule = rule.canonical, rule.layout
+            layout = style_layout(style, name, shape)
+            if rule is not None:
+                layout = layout.then(rule)
+            canonical_shape = tuple(jax.eval_shape(layout.forward, abstract).shape)
+            self.rules.append(LeafRule(jax.tree_util.keystr(path), (name,), layout, shape, (canonical_shape,),
+                                       renamed=renamed))
+        names = self.canonical_paths()
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ValueError(f"{style}: several leaves map to {sorted(duplicates)}")
         if extra:
             raise ValueError(f"{style}: layout rules for unknown leaves {sorted(extra)}")
+        self.shapes = {p: s for rule in self.rules for p, s in zip(rule.parts, rule.part_shapes)}
 
-    def to_canonical(self, tree: PyTree) -> Canonical:
+    def to_canonical(self, tree: PyTree, *, offsets: bool = True) -> Canonical:
+        """The canonical dict of a tree shaped like the parameters. ``offsets=False`` for trees of
+        gradients or optimiser moments, which a split's constant offsets do not apply to."""
         try:
             leaves = self.treedef.flatten_up_to(tree)
         except (ValueError, TypeError, KeyError) as err:
@@ -168,22 +273,30 @@ class Converter:
                            f"hyperparameters the tree was made with; {detail[:160]})") from None
         out: Canonical = {}
         for rule, leaf in zip(self.rules, leaves):
-            if not _is_placeholder(leaf):
-                _check_shape(f"{rule.canonical} ({self.style} {rule.native})", rule.native_shape, leaf)
-            value = leaf if _is_placeholder(leaf) else rule.layout.forward(leaf)
-            _set(out, rule.canonical, value)
+            if _is_placeholder(leaf):
+                for part in rule.parts:
+                    _set(out, part, leaf)
+                continue
+            _check_shape(f"{rule.canonical} ({self.style} {rule.native})", rule.native_shape, leaf)
+            for part, value in zip(rule.parts, rule.forward(leaf, offsets)):
+                _set(out, part, value)
         return out
 
-    def from_canonical(self, canonical: Canonical) -> PyTree:
-        check_canonical(canonical, {rule.canonical: rule.canonical_shape for rule in self.rules}, "parameters")
+    def from_canonical(self, canonical: Canonical, *, offsets: bool = True) -> PyTree:
+        check_canonical(canonical, self.shapes, "parameters")
         leaves = []
         for rule in self.rules:
-            value = _get(canonical, rule.canonical)
-            leaves.append(value if _is_placeholder(value) else rule.layout.backward(value))
+            values = [_get(canonical, part) for part in rule.parts]
+            placeholders = [_is_placeholder(v) for v in values]
+            if any(placeholders) and not all(placeholders):
+                raise ZooError(f"{self.style} keeps {rule.canonical} in one array ({rule.native}): "
+                               "they are frozen or trained together")
+            leaves.append(values[0] if placeholders[0] else rule.backward(values, offsets))
         return self.treedef.unflatten(leaves)
 
     def canonical_paths(self) -> list[str]:
-        return [rule.canonical for rule in self.rules]
+        """Every canonical path, in the order of the native leaves (a split's parts together)."""
+        return [part for rule in self.rules for part in rule.parts]
 
 
 def check_canonical(canonical: Any, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:

@@ -83,6 +83,7 @@ KNOWN_INITIALISERS = (
     Initialiser("uniform", "uniform in ±1/√fan_in: std 1/√(3·fan_in)", 1 / math.sqrt(3), 1.0),
 )
 SPREAD_RTOL = 0.05  # the known spreads differ by 12% or more; pooled estimates are within 1%
+TOO_FEW = 64  # fewer draws than this (a 10-unit head's bias alone) estimate a spread within ~25% only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,19 @@ class Measured:
     @property
     def label(self) -> str:
         known = self.initialiser
+        if known is None and self.count < TOO_FEW:
+            return f"too few draws to tell ({self.count})"
         return known.name if known else f"unrecognised (std·√fan_in {self.spread:.3f})"
+
+
+def _own_initialiser(rule: Any, kernel_shape: tuple[int, ...], alone: Measured) -> bool:
+    """A leaf drawn by its layer's own initialiser rather than the framework's dense/conv default,
+    left out of the pooled measurement: a split leaf (an LSTM's gates, drawn over the
+    concatenation), an attention projection (renamed or reshaped to its heads), a kernel that is
+    neither ``(in, out)`` nor HWIO, or a large leaf that on its own matches no known default (an
+    orthogonal recurrent kernel)."""
+    return (rule.split is not None or rule.renamed or len(kernel_shape) not in (2, 4)
+            or (alone.count >= 1024 and alone.initialiser is None))
 
 
 def _fan_in(shape: tuple[int, ...]) -> int:
@@ -176,19 +189,29 @@ def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
                             flatten_canonical(jax.eval_shape(net.to_canonical, template)).items()}
         leaves, pooled = [], {}
         for rule, leaf in zip(net.converter.rules, jax.tree.leaves(template)):
-            parent, _, kind = rule.canonical.rpartition("/")
-            spread, constant = None, None
-            kernel = f"{parent}/kernel" if parent else "kernel"
-            if measure and kernel in canonical_shapes:  # a layer's weights: scaled by its fan-in
-                scaled = values[m, s][rule.canonical].ravel() * math.sqrt(_fan_in(canonical_shapes[kernel]))
-                pooled.setdefault(kind, []).append(scaled)
-                spread = float(scaled.std())
-            elif measure:  # a normalisation's scale or offset: a constant
-                drawn = values[m, s][rule.canonical].ravel()
-                constant = f"constant {drawn[0]:g}" if np.all(drawn == drawn[0]) else "varies"
+            kind = rule.parts[0].rpartition("/")[2]
+            spreads, init = [], None
+            for part in rule.parts:  # one, or a split leaf's several (an LSTM's gates)
+                parent = part.rpartition("/")[0]
+                kernel = f"{parent}/kernel" if parent else "kernel"
+                if measure and kernel in canonical_shapes:  # a layer's weights: scaled by its fan-in
+                    spreads.append(values[m, s][part].ravel() * math.sqrt(_fan_in(canonical_shapes[kernel])))
+                elif measure:  # a normalisation's scale or offset, a class token: a constant, or drawn
+                    drawn = values[m, s][part].ravel()
+                    init = f"constant {drawn[0]:g}" if np.all(drawn == drawn[0]) else f"drawn, std {drawn.std():.3g}"
+            spread = float(np.concatenate(spreads).std()) if spreads else None
+            if spreads:
+                scaled = np.concatenate(spreads)
+                alone = Measured(float(scaled.std()), float(np.abs(scaled).max()), scaled.size)
+                if _own_initialiser(rule, canonical_shapes[kernel], alone):
+                    init = f"the layer's own (std·√fan_in {alone.spread:.3f})"
+                else:
+                    pooled.setdefault(kind, []).append(scaled)
+            shapes = set(rule.part_shapes)
             leaves.append(Leaf(rule.native, tuple(leaf.shape), str(leaf.dtype), rule.canonical,
-                               canonical_shapes[rule.canonical], rule.layout.note, kind, spread))
-            leaves[-1].init = constant
+                               rule.canonical_shape if len(shapes) == 1 else rule.part_shapes,
+                               rule.layout.note, kind, spread))
+            leaves[-1].init = init
         measured = {}
         for kind, parts in pooled.items():
             both = np.concatenate(parts)
@@ -327,6 +350,8 @@ def differences(measured: dict[str, dict[str, Measured]],
                        "sees one example, so the batch styles draw per example too, or the numbers differ",
         }, ("zoo/test_parity.py::test_vae_draws_the_same_noise",)),
         *normalisation_rows(),
+        *attention_rows(),
+        *recurrence_rows(),
         Difference("Float64 parameters (`--precision float64`, x64 mode)", {
             "jax": "the reference's initialisers name `jnp.float32`: the adapter widens the parameters once, "
                    "after `init`",
@@ -429,6 +454,114 @@ def normalisation_rows() -> list[Difference]:
             "haiku": "`hk.dropout(rng, rate, x)`; no flag: do not call it in eval",
             "equinox": f"`eqx.nn.Dropout(p)`; {_default(eqx.nn.Dropout, 'inference')}",
         }, ("zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key",)),
+    ]
+
+
+def attention_rows() -> list[Difference]:
+    """Attention, LayerNorm and GELU: layouts, bias defaults, masks and keys, batch or example."""
+    vit = "zoo/test_vit.py::"
+    return [
+        Difference("Attention: kernel layout and biases", {
+            "jax": "query/key/value kernels `(in, heads, head_dim)` and biases `(heads, head_dim)`, output "
+                   "`(heads, head_dim, out)` (Linen's)",
+            "flax": f"`nn.MultiHeadDotProductAttention`: as canonical; biases on "
+                    f"({_default(linen.MultiHeadDotProductAttention, 'use_bias')})",
+            "nnx": f"`nnx.MultiHeadAttention`: as Linen ({_default(nnx.MultiHeadAttention, 'use_bias')})",
+            "haiku": f"`hk.MultiHeadAttention`: `(in, heads·key_size)`, reshaped; the output projection is "
+                     f"named `linear`; {_default(hk.MultiHeadAttention, 'with_bias')}; no default `w_init` "
+                     "(it raises)",
+            "equinox": f"`eqx.nn.MultiheadAttention`: `query_proj.weight (heads·qk_size, in)`, transposed and "
+                       f"reshaped; `output_proj`; no biases unless asked "
+                       f"({_default(eqx.nn.MultiheadAttention, 'use_query_bias')})",
+        }, (vit + "test_attention_kernel_layouts_and_bias_defaults",
+            vit + "test_a_wrong_head_split_is_caught",
+            "zoo/test_parity.py::test_round_trip_is_exact")),
+        Difference("Attention: a batch or one example", {
+            "jax": "a batch `(batch, seq, features)`",
+            "flax": "a batch", "nnx": "a batch", "haiku": "a batch",
+            "equinox": "one example `(seq, features)`: `jax.vmap` it (a batch fails to unpack)",
+        }, (vit + "test_attention_takes_a_batch_or_one_example",)),
+        Difference("Attention: the mask and the dropout key", {
+            "jax": "no mask in the ViT; dropout on the sublayer's output, none on the attention weights "
+                   "(ViT's default)",
+            "flax": "`mask=` broadcastable to `(batch, heads, q, k)`; weight dropout from `dropout_rng=` with "
+                    f"`deterministic`, one mask shared by the whole batch by default "
+                    f"({_default(linen.MultiHeadDotProductAttention, 'broadcast_dropout')})",
+            "nnx": "`mask=` as Linen; `rngs=` and `deterministic`; `decode` must be given; without weight "
+                   "dropout its default `attention_fn` hands over to `jax.nn.dot_product_attention`, which "
+                   "scales after the product and takes the softmax in float32 even under x64 (the ViT passes "
+                   "Linen's formula as `attention_fn`)",
+            "haiku": "`mask` with as many dimensions as its logits, `(batch, heads, q, k)`; query, key and value "
+                     "all given; logits scaled after the product; no dropout on the attention weights at all",
+            "equinox": "`mask` `(q, k)` per example; `key=`, split once per head, with `dropout_p` and `inference`",
+        }, (vit + "test_how_the_mask_reaches_the_attention",
+            vit + "test_how_the_dropout_key_reaches_the_attention",
+            vit + "test_nnx_default_attention_loses_float64",
+            "zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key")),
+        Difference("GELU", {
+            "jax": "`jax.nn.gelu(x, approximate=False)`: the exact erf form, PyTorch's default",
+            "flax": f"`nn.gelu`: {_default(linen.gelu, 'approximate')}, the tanh form, up to 4.7e-4 off",
+            "nnx": f"`nnx.gelu`: {_default(nnx.gelu, 'approximate')}",
+            "haiku": f"`jax.nn.gelu`: {_default(jax.nn.gelu, 'approximate')}",
+            "equinox": f"`jax.nn.gelu`: {_default(jax.nn.gelu, 'approximate')}",
+        }, (vit + "test_gelu_defaults_to_the_tanh_approximation",)),
+        Difference("LayerNorm: epsilon and variance", {
+            "jax": "eps 1e-6, two-pass variance `E[(x - E[x])²]`",
+            "flax": f"`nn.LayerNorm`: {_default(linen.LayerNorm, 'epsilon')}, "
+                    f"{_default(linen.LayerNorm, 'use_fast_variance')} (`E[x²] - E[x]²`)",
+            "nnx": f"`nnx.LayerNorm`: {_default(nnx.LayerNorm, 'epsilon')}, "
+                   f"{_default(nnx.LayerNorm, 'use_fast_variance')}",
+            "haiku": f"`hk.LayerNorm`: {_default(hk.LayerNorm, 'eps')}, two-pass; `axis`, `create_scale` and "
+                     "`create_offset` have no defaults",
+            "equinox": f"`eqx.nn.LayerNorm`: {_default(eqx.nn.LayerNorm, 'eps')}, two-pass, on one token: "
+                       "`jax.vmap` it over the sequence",
+        }, (vit + "test_layernorm_epsilon_and_variance_defaults",)),
+    ]
+
+
+def recurrence_rows() -> list[Difference]:
+    """LSTM cells and scans: gate layouts, biases, Haiku's forget offset, carries, scan idioms."""
+    lstm = "zoo/test_lstm.py::"
+    return [
+        Difference("LSTM: gate layout and order", {
+            "jax": "a kernel per gate i, f, g, o: input `i*` (in, hidden), hidden `h*` (hidden, hidden)",
+            "flax": "`nn.LSTMCell`: a `Dense` per gate, `ii`, `if`, `ig`, `io` and `hi`, `hf`, `hg`, `ho`, as "
+                    "canonical (`OptimizedLSTMCell` keeps these names but fuses the matmuls: not bitwise)",
+            "nnx": "`nnx.LSTMCell`: as Linen, but the forget gate's input kernel is `if_` (`if` is a keyword)",
+            "haiku": "`hk.LSTM`: one `Linear` over `[x, h]`, `(in + hidden, 4·hidden)`, columns in gate order "
+                     "**i, g, f, o**; its one matmul sums in another order (rounding, not bitwise)",
+            "equinox": "`eqx.nn.LSTMCell`: PyTorch's `weight_ih (4·hidden, in)`, `weight_hh (4·hidden, hidden)`, "
+                       "rows in gate order i, f, g, o",
+        }, (lstm + "test_gate_layouts_as_each_framework_makes_them",
+            lstm + "test_gate_order_haiku_i_g_f_o_equinox_i_f_g_o",
+            lstm + "test_a_wrong_gate_order_or_a_missing_offset_is_caught")),
+        Difference("LSTM: bias placement and forget-gate offset", {
+            "jax": "a bias on the hidden side only: `x @ W_ix + (h @ W_hx + b_x)`",
+            "flax": "the hidden `Dense`s `h*` carry the bias, the input ones none",
+            "nnx": "as Linen",
+            "haiku": "one bias on the concatenated `Linear`, and the cell computes `sigmoid(f + 1)`: the "
+                     "converter stores the forget bias as the canonical one minus 1 (for parameters, not "
+                     "gradients or Adam moments; one rounding each way)",
+            "equinox": "one bias added after both matmuls (PyTorch's two, `b_ih + b_hh`, would be summed)",
+        }, (lstm + "test_haiku_adds_one_to_the_forget_gate",
+            lstm + "test_a_wrong_gate_order_or_a_missing_offset_is_caught",
+            "zoo/test_parity.py::test_round_trip_is_exact")),
+        Difference("LSTM: the carry", {
+            "jax": "`(c, h)`, zeros",
+            "flax": "`(c, h)`; `nn.RNN` builds it with `initialize_carry` (zeros in `param_dtype`)",
+            "nnx": "`(c, h)`; `nnx.RNN` keeps an RNG stream for its carry unless `rngs=False`, and then needs "
+                   "`initial_carry`",
+            "haiku": "`LSTMState(hidden, cell)`: h first; `initial_state` is float32 whatever the input's dtype",
+            "equinox": "`(h, c)`: the reverse of Flax's",
+        }, (lstm + "test_carry_order_differs",)),
+        Difference("Recurrent scan idiom", {
+            "jax": "`jax.lax.scan` over time-major rows",
+            "flax": "`nn.RNN(cell)`: batch-major `(batch, time, features)`, scans axis 1",
+            "nnx": "`nnx.RNN(cell)`: batch-major, as Linen",
+            "haiku": "`hk.dynamic_unroll(core, x, state)`: **time-major** unless `time_major=False`",
+            "equinox": "no RNN layer: the cell is one step on one example; `jax.lax.scan` it yourself",
+        }, (lstm + "test_scan_idioms_are_the_reference_scan",
+            "zoo/test_parity.py::test_fifty_adam_steps_match_reference")),
     ]
 
 
@@ -620,6 +753,19 @@ def repo_root() -> Path:
     return catalogue.source_path(NAMES[0], STYLES[0]).parents[2]
 
 
+def _shape_text(shape: tuple) -> str:
+    """``(8, 128)``; a split leaf's parts of several shapes, ``(8, 128) ×4, (128, 128) ×4``."""
+    if shape and isinstance(shape[0], tuple):
+        runs: list[list] = []
+        for part in shape:
+            if runs and runs[-1][0] == part:
+                runs[-1][1] += 1
+            else:
+                runs.append([part, 1])
+        return ", ".join(_shape_text(p) + (f" ×{n}" if n > 1 else "") for p, n in runs)
+    return f"({', '.join(map(str, shape))})"
+
+
 def test_source(name: str) -> str | None:
     """The source of the test ``path::function``; None when the file is not here (an
     installed package has ``zoo/`` but not ``tests/``). A test named on the page
@@ -663,7 +809,7 @@ def _environment():
         except (TypeError, ValueError):
             return str(value)
 
-    env.filters.update(ticks=ticks, number=number, anchor=test_anchor, shape=lambda s: f"({', '.join(map(str, s))})")
+    env.filters.update(ticks=ticks, number=number, anchor=test_anchor, shape=_shape_text)
     env.globals.update(TITLES=TITLES, COLOURS=COLOURS, STYLES=STYLES, MODELS=NAMES, ANCHOR=ANCHOR,
                        REFERENCE=REFERENCE, DESCRIPTIONS=DESCRIPTIONS)
     return env

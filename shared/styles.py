@@ -164,7 +164,7 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     apply = _checked(apply, name, style, in_shape)
     template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
     _check_fits(name, hparams, template)
-    extra = spec.equinox_layouts(in_shape, hparams) if style == "equinox" and spec.equinox_layouts else {}
+    extra = spec.layouts(style, in_shape, hparams) if spec.layouts else {}
     state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
     if state_converter is None:
         state_converter = _named_state(Converter(style, state_template))

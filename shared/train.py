@@ -122,7 +122,13 @@ def trainable_labels(model: Model, config: TrainConfig) -> Any | None:
         if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
             raise ZooError(f"pattern {pattern!r} matches no parameter of {model.name}; "
                            f"its parameters are {', '.join(paths)}")
-    matched = [any(fnmatch.fnmatchcase(path, p) for p in patterns) for path in paths]
+    matched = []
+    for rule in model.converter.rules:  # one per native leaf, which may hold several canonical ones
+        parts = [any(fnmatch.fnmatchcase(part, p) for p in patterns) for part in rule.parts]
+        if any(parts) and not all(parts):
+            raise ZooError(f"{' '.join(patterns)} selects part of {rule.canonical}, which {model.style} keeps in "
+                           f"one array ({rule.native}); select all of them or none")
+        matched.append(parts[0])
     train = [not m for m in matched] if config.freeze else matched
     if not any(train):
         raise ZooError(f"{'--freeze' if config.freeze else '--train-only'} {' '.join(patterns)} "

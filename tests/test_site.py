@@ -209,7 +209,7 @@ def test_every_style_is_rendered_in_chromium(built, model, tmp_path):
         [table] = dom.find_all("table", cls="params", data_style=style)
         net = styles.build(model, style, in_shape=site.IN_SHAPE)
         got = [tr.attrs["data-canonical"] for tr in table.find_all("tr") if "data-canonical" in tr.attrs]
-        assert got == net.converter.canonical_paths()
+        assert got == [rule.canonical for rule in net.converter.rules]
         assert all(len(tr.find_all("td")) == 8 and tr.find_all("td")[6].content().strip()
                    for tr in table.find_all("tr") if "data-canonical" in tr.attrs)
 
@@ -287,7 +287,7 @@ def test_results_are_shown_and_missing_ones_say_how_to_make_them(built):
 
 
 def test_initialiser_labels_agree_with_the_documented_constants(built):
-    from zoo.test_initialisers import BIAS_STD, KERNEL_STD, TRUNCATED_STD
+    from zoo.test_initialisers import BIAS_STD, KERNEL_STD, LAYERS as DOCUMENTED, TRUNCATED_STD
 
     assert site.truncated_normal_std(2.0) == pytest.approx(TRUNCATED_STD, rel=1e-12)
     spread = {k.name: k.spread for k in site.KNOWN_INITIALISERS} | {"zeros": 0.0}
@@ -300,6 +300,11 @@ def test_initialiser_labels_agree_with_the_documented_constants(built):
                 if "data-canonical" not in tr.attrs:
                     continue
                 label = tr.find_all("td")[6].content().strip()
+                if label.startswith(("the layer's own", "drawn", "too few draws")):
+                    # An LSTM's or an attention's own initialiser, a class token: not the framework's
+                    # dense/conv default, which the documented models must show everywhere.
+                    assert model not in DOCUMENTED, (model, style, tr.attrs["data-canonical"], label)
+                    continue
                 if label.startswith("constant"):  # a normalisation layer's scale (1) or offset (0)
                     assert label == ("constant 1" if tr.attrs["data-canonical"].endswith("scale")
                                      else "constant 0"), (model, style, tr.attrs["data-canonical"], label)

@@ -1,0 +1,165 @@
+"""A small Vision Transformer (ViT) classifier in plain JAX.
+
+A conv with kernel and stride ``patch_size`` cuts the image into patches and
+embeds each in ``width`` features; a learned class token is prepended and
+learned position embeddings added, then dropout. ``depth`` pre-LayerNorm
+encoder blocks follow: ``x + dropout(attn(norm1(x)))``, then ``x +
+dropout(mlp2(dropout(gelu(mlp1(norm2(x))))))``. A final LayerNorm, the class
+token, and a dense head. Images are NHWC, patches in row-major order. This is
+the canonical layout: ``{"embed": {"kernel" (HWIO), "bias"}, "cls" (1, 1,
+width), "pos_embedding" (1, patches + 1, width), "blocks_0": {"norm1", "attn":
+{"query", "key", "value", "out"}, "norm2", "mlp1", "mlp2"}, ..., "norm",
+"head"}``; the attention's kernels are ``(width, heads, head_dim)`` and ``(heads,
+head_dim, width)``, as Flax's ``DenseGeneral`` keeps them.
+
+Every op follows the order of Flax's layers (``LayerNorm``,
+``dot_product_attention``, ``DenseGeneral``), so that Linen and NNX agree with it
+bitwise.
+"""
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, dict]
+
+
+def dense_init(key: jax.Array, n_in: int, n_out: int) -> dict[str, jax.Array]:
+    """LeCun-normal kernel and zero bias, the same defaults as Flax."""
+    kernel = jax.nn.initializers.lecun_normal()(key, (n_in, n_out), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.zeros((n_out,), jnp.float32)}
+
+
+def norm_init(width: int) -> dict[str, jax.Array]:
+    return {"scale": jnp.ones((width,), jnp.float32), "bias": jnp.zeros((width,), jnp.float32)}
+
+
+def attention_init(key: jax.Array, width: int, num_heads: int) -> Params:
+    """Kernels drawn ``(width, width)`` and reshaped to their heads, as Flax's DenseGeneral draws them."""
+    heads = (num_heads, width // num_heads)
+    layers = [dense_init(k, width, width) for k in jax.random.split(key, 4)]
+    params = {name: {"kernel": layer["kernel"].reshape((width, *heads)), "bias": layer["bias"].reshape(heads)}
+              for name, layer in zip(("query", "key", "value"), layers)}
+    params["out"] = {"kernel": layers[3]["kernel"].reshape((*heads, width)), "bias": layers[3]["bias"]}
+    return params
+
+
+def block_init(key: jax.Array, width: int, num_heads: int, mlp_dim: int) -> Params:
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"norm1": norm_init(width), "attn": attention_init(k1, width, num_heads), "norm2": norm_init(width),
+            "mlp1": dense_init(k2, width, mlp_dim), "mlp2": dense_init(k3, mlp_dim, width)}
+
+
+def init(
+    key: jax.Array,
+    in_shape: tuple[int, int, int],
+    num_classes: int = 10,
+    patch_size: int = 2,
+    width: int = 64,
+    depth: int = 4,
+    num_heads: int = 4,
+    mlp_dim: int = 128,
+) -> Params:
+    height, image_width, channels = in_shape
+    num_patches = (height // patch_size) * (image_width // patch_size)
+    keys = jax.random.split(key, depth + 4)
+    embed = jax.nn.initializers.lecun_normal()(keys[0], (patch_size, patch_size, channels, width), jnp.float32)
+    params = {
+        "embed": {"kernel": embed, "bias": jnp.zeros((width,), jnp.float32)},
+        "cls": 0.02 * jax.random.normal(keys[1], (1, 1, width), jnp.float32),
+        "pos_embedding": 0.02 * jax.random.normal(keys[2], (1, num_patches + 1, width), jnp.float32),
+    }
+    for i in range(depth):
+        params[f"blocks_{i}"] = block_init(keys[3 + i], width, num_heads, mlp_dim)
+    params["norm"] = norm_init(width)
+    params["head"] = dense_init(keys[-1], width, num_classes)
+    return params
+
+
+def dense(x: jax.Array, layer: dict[str, jax.Array], axes: int = 1) -> jax.Array:
+    """Contracts the last ``axes`` axes of ``x`` with the first of the kernel: the dot_general of Flax's Dense."""
+    return jnp.tensordot(x, layer["kernel"], axes) + layer["bias"]
+
+
+def layer_norm(x: jax.Array, params: dict[str, jax.Array], epsilon: float = 1e-6) -> jax.Array:
+    """Over the last axis, in the op order of flax.linen.LayerNorm with ``use_fast_variance=False``.
+
+    The variance is ``E[(x - E[x])^2]``, in float32 at least, as Flax takes it;
+    ``x - mean`` is taken twice, as Flax does, because the order in which ``x``
+    is used sets the order in which its gradients add up.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
+    mean = jnp.mean(x, axis=-1)
+    var = jnp.mean(jax.lax.square(x - jnp.expand_dims(mean, -1)), axis=-1)
+    y = x - jnp.expand_dims(mean, -1)
+    mul = jax.lax.rsqrt(jnp.expand_dims(var, -1) + epsilon) * params["scale"]
+    return (y * mul + params["bias"]).astype(dtype)
+
+
+def attention(x: jax.Array, params: Params) -> jax.Array:
+    """Multi-head self-attention as flax.linen.dot_product_attention computes it.
+
+    The query is scaled by ``1 / sqrt(head_dim)`` before its product with the
+    keys. No dropout on the attention weights (ViT's default rate is 0).
+    """
+    query, key, value = (dense(x, params[name]) for name in ("query", "key", "value"))
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    weights = jax.nn.softmax(jnp.einsum("...qhd,...khd->...hqk", query, key))
+    return dense(jnp.einsum("...hqk,...khd->...qhd", weights, value), params["out"], axes=2)
+
+
+def per_example_dropout(x: jax.Array, keys: jax.Array | None, rate: float) -> jax.Array:
+    """Zeroes features at ``rate`` and scales the others by ``1 / (1 - rate)``; nothing without keys (eval).
+
+    One mask per example, each from its own key (``keys`` holds one per
+    example): Equinox draws them so under ``jax.vmap``, and every style follows it.
+    """
+    if keys is None:
+        return x
+    keep = jax.vmap(lambda k, f: jax.random.bernoulli(k, 1.0 - rate, f.shape))(keys, x)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def block_apply(params: Params, x: jax.Array, keys: jax.Array | None, dropout_rate: float) -> jax.Array:
+    # In train mode each example's key splits in three: the attention's output, the MLP's hidden layer, its output.
+    k1, k2, k3 = (None,) * 3 if keys is None else jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys)
+    y = attention(layer_norm(x, params["norm1"]), params["attn"])
+    x = x + per_example_dropout(y, k1, dropout_rate)
+    y = jax.nn.gelu(dense(layer_norm(x, params["norm2"]), params["mlp1"]), approximate=False)
+    y = dense(per_example_dropout(y, k2, dropout_rate), params["mlp2"])
+    return x + per_example_dropout(y, k3, dropout_rate)
+
+
+def apply(
+    params: Params,
+    x: jax.Array,
+    key: jax.Array | None,
+    train: bool,
+    patch_size: int = 2,
+    num_heads: int = 4,
+    dropout_rate: float = 0.1,
+) -> jax.Array:
+    """Logits ``(batch, num_classes)`` for images ``(batch, height, width, channels)``.
+
+    Train mode draws the dropout masks from ``key``: one key per example, each
+    split in ``depth + 1`` (the embeddings' dropout, then one per block); eval
+    mode needs no key. The parameters' shapes give the other sizes.
+    """
+    depth = sum(name.startswith("blocks_") for name in params)
+    heads = params["blocks_0"]["attn"]["query"]["kernel"].shape[1] if depth else num_heads
+    if heads != num_heads:  # the kernels' shapes give the heads: say so if they disagree
+        raise ValueError(f"num_heads={num_heads}, but the attention kernels have {heads} heads")
+    keys = [None] * (depth + 1)
+    if train:
+        keys = jax.vmap(lambda k: jax.random.split(k, depth + 1), out_axes=1)(jax.random.split(key, x.shape[0]))
+    x = jax.lax.conv_general_dilated(
+        x, params["embed"]["kernel"], window_strides=(patch_size, patch_size), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["embed"]["bias"]
+    batch, h, w, width = x.shape
+    x = x.reshape((batch, h * w, width))  # patches in row-major order
+    x = jnp.concatenate([jnp.broadcast_to(params["cls"], (batch, 1, width)), x], axis=1)
+    x = per_example_dropout(x + params["pos_embedding"], keys[0], dropout_rate)
+    for i in range(depth):
+        x = block_apply(params[f"blocks_{i}"], x, keys[1 + i], dropout_rate)
+    x = layer_norm(x, params["norm"])
+    return dense(x[:, 0], params["head"])
