@@ -21,7 +21,9 @@ from flax import nnx
 
 from shared import registry
 from shared import styles as styles_lib
+from shared.errors import ZooError
 from shared.layouts import Converter
+from shared.train import TrainConfig, trainable_labels
 from zoo.jax.lstm import lstm_cell  # the reference cell: carry (c, h)
 
 MODEL = "lstm"
@@ -173,3 +175,12 @@ def test_a_wrong_gate_order_or_a_missing_offset_is_caught(monkeypatch):
     assert np.max(np.abs(np.asarray(outputs_with(no_offset, canonical, images)) - expected)) > 1e-3
     monkeypatch.setattr(registry, "HAIKU_GATE_ORDER", registry.GATES)  # i, f, g, o: PyTorch's, not Haiku's
     assert np.max(np.abs(np.asarray(outputs_with(wrong_rules(), canonical, images)) - expected)) > 1e-3
+
+
+def test_freezing_part_of_a_split_leaf_is_refused():
+    """Equinox keeps the four input kernels in one ``weight_ih``: freezing one gate's alone is refused
+    in one line; freezing all four (or a style that keeps them apart) is accepted."""
+    with pytest.raises(ZooError, match="selects part of lstm/cell/"):
+        trainable_labels(build("equinox"), TrainConfig(freeze=("lstm/cell/ii/*",)))
+    assert trainable_labels(build("flax"), TrainConfig(freeze=("lstm/cell/ii/*",))) is not None
+    assert trainable_labels(build("equinox"), TrainConfig(freeze=("lstm/cell/i*",))) is not None
