@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent XLA compilation cache for the whole run: both xdist workers and every `zoo`
@@ -14,10 +15,38 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+from shared.registry import NAMES  # noqa: E402 (after the cache settings: it imports jax)
+
 def pytest_collection_modifyitems(items):
     """The heavy tests first (a stable sort): xdist hands tests out in this order, and a
     minutes-long test handed out last would leave one worker idle while the other runs it."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+class _ByModel(LoadScopeScheduling):
+    """xdist's ``--dist load``, but the tests of one model go to one worker as one unit.
+
+    They compile the same reference steps, initialisers and runs, which one
+    worker compiles once and keeps (``functools.cache``, module fixtures, the
+    persistent cache) where two workers would each compile them. A test's model
+    is a registry name among its parameters (``[vit-flax]``), else its file's
+    (``test_vit.py``); every other test is a unit of its own. Units go out in
+    collection order, the heavy tests' first.
+    """
+
+    def _split_scope(self, nodeid: str) -> str:
+        path, _, name = nodeid.partition("::")
+        params = name.partition("[")[2].rstrip("]").split("-")
+        named = [p for p in params if p in NAMES]
+        stem = Path(path).stem.removeprefix("test_")
+        return f"model:{named[0]}" if named else f"model:{stem}" if stem in NAMES else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "load":  # -n without --dist; another --dist is left as asked
+        config.option.loadscopereorder = False
+        return _ByModel(config, log)
+    return None
 
 
 # The team's real MNIST test files, beside the project root (not the project's own shared/).

@@ -320,11 +320,10 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     schedule = learning_rate(config, total_steps)
 
     if start is None:
-        params, model_state = model.init(init_key)
-        if init_params is not None:
-            params = init_params
-        if init_state is not None:
-            model_state = init_state
+        if init_params is None or init_state is None:  # (an eager init compiles op by op: skip it if given)
+            drawn_params, drawn_state = model.init(init_key)
+        params = drawn_params if init_params is None else init_params
+        model_state = drawn_state if init_state is None else init_state
         ema = params if config.ema is not None else None
         start = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), ema)
     state = jax.device_put(start, replicated)
