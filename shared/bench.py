@@ -669,16 +669,17 @@ def compare_to_reference(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if converts == row["flops_diff"]:
                 row["flops_note"] = (f"only dtype conversions differ ({converts:+,.0f} converted elements): "
                                      "the same arithmetic, cast in other places")
-        if (not row["flops_equal"] and row["flops_note"] is None and MODELS[row["model"]].state
-                and row.get("linear_ops") is not None and row["linear_ops"] == ref.get("linear_ops")):
-            # A model with state normalises with each framework's own BatchNorm, whose statistics
-            # are computed and kept differently (Haiku debiases and counts, Equinox takes a
-            # two-pass variance): extra elementwise work, the same linear algebra. That they
+        why = MODELS[row["model"]].elementwise_work
+        if (not row["flops_equal"] and row["flops_note"] is None and why
+                and row.get("linear_ops") is not None and row["linear_ops"] == ref.get("linear_ops")
+                and row.get("dot_macs") == ref.get("dot_macs")):
+            # The framework's own layers (BatchNorm's statistics kept and debiased otherwise,
+            # a LayerNorm that takes its mean twice, dropout by multiplication) do other elementwise
+            # work around the same linear algebra, op for op; the registry says which. That they
             # compute the same function is the parity tests' job (zoo/test_parity.py).
             ops = sum(n for _, _, n in row["linear_ops"])
             row["flops_note"] = (f"the same {ops} convolutions and matrix products; the other "
-                                 f"{row['flops_diff']:+,.0f} FLOPs are elementwise work around them (the framework's "
-                                 "own BatchNorm statistics and debiasing, step counters)")
+                                 f"{row['flops_diff']:+,.0f} FLOPs are elementwise work around them ({why})")
         convolutions = [op for op in row.get("linear_ops") or [] if op[0] == "convolution"]
         if (not row["flops_equal"] and row["flops_note"] is None and row.get("dot_macs")
                 and row["style"] not in MODELS[row["model"]].bitwise
@@ -824,12 +825,13 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def scan_costs(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """For a model whose reference step loops (a recurrent ``lax.scan``), what each style's own
-    scan idiom costs against it (``nn.RNN``, ``nnx.RNN``, ``hk.dynamic_unroll``: see the porting
-    table), as measured fast-pattern ratios; above the noise (the lower quartile over 1), with
-    what the compiled steps show: their loops and the bytes they move."""
+    """For a model whose reference step scans (the registry's ``scans``: a recurrent ``lax.scan``),
+    what each style's own scan idiom costs against it (``nn.RNN``, ``nnx.RNN``,
+    ``hk.dynamic_unroll``: see the porting table), as measured fast-pattern ratios; above the
+    noise (the lower quartile over 1), with what the compiled steps show: their loops and the
+    bytes they move."""
     out = []
-    for ref in (r for r in rows if r["style"] == "jax" and r["pattern"] == "fast" and r.get("while_loops")):
+    for ref in (r for r in rows if r["style"] == "jax" and r["pattern"] == "fast" and MODELS[r["model"]].scans):
         styles = [r for r in rows if r["model"] == ref["model"] and r["pattern"] == "fast" and r["style"] != "jax"]
         cells = []
         for r in styles:
