@@ -37,7 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, help="epochs (default: per model, "
                    + ", ".join(f"{m} {spec.epochs}" for m, spec in MODELS.items()) + ")")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
+    p.add_argument("--batch-size", type=positive_int, help="(default: per model, "
+                   + ", ".join(f"{m} {spec.batch_size}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default: per model, "
                    + ", ".join(f"{m} {spec.lr:g}" for m, spec in MODELS.items()) + ")")
     p.add_argument("--seed", type=seed, default=0,
@@ -145,7 +146,8 @@ def hparams_from(args: argparse.Namespace) -> dict[str, Any]:
 def config_from(args: argparse.Namespace):
     spec = MODELS[args.model]
     return train.TrainConfig(
-        epochs=args.epochs or spec.epochs, batch_size=args.batch_size, lr=args.lr or spec.lr,
+        epochs=args.epochs or spec.epochs, batch_size=args.batch_size or spec.batch_size,
+        lr=args.lr or spec.lr,
         seed=args.seed, optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum,
         schedule=args.schedule or spec.schedule,
         warmup_steps=spec.warmup_steps if args.warmup_steps is None else args.warmup_steps,
