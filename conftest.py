@@ -30,12 +30,18 @@ class _ByModel(LoadScopeScheduling):
     worker compiles once and keeps (``functools.cache``, module fixtures, the
     persistent cache) where two workers would each compile them. A test's model
     is a registry name among its parameters (``[vit-flax]``), else its file's
-    (``test_vit.py``); every other test is a unit of its own. Units go out in
-    collection order, the heavy tests' first.
+    (``test_vit.py``); every other test is a unit of its own. The tests of a
+    file in ``ONE_UNIT`` share one expensive build (the site, behind a file lock),
+    so they stay together: split, one worker would wait for the other's build.
+    Units go out in collection order, the heavy tests' first.
     """
+
+    ONE_UNIT = ("tests/test_site.py",)
 
     def _split_scope(self, nodeid: str) -> str:
         path, _, name = nodeid.partition("::")
+        if path in self.ONE_UNIT:
+            return f"file:{path}"
         params = name.partition("[")[2].rstrip("]").split("-")
         named = [p for p in params if p in NAMES]
         stem = Path(path).stem.removeprefix("test_")
