@@ -172,14 +172,19 @@ def test_float64_steps_of_every_pattern_agree_to_float64_rounding(name, digits):
     np.testing.assert_allclose(losses[1:], np.broadcast_to(losses[0], losses[1:].shape), rtol=1e-12, atol=0)
 
 
+def fast_rows(name: str, digits, compiled_cases) -> list[dict]:
+    """One measured round of the reference's, Haiku's and Equinox's fast steps, with the FLOPs notes."""
+    every, _ = compiled_cases(name)
+    cases = [c for c in every if c.pattern == "fast" and c.style in ("jax", "haiku", "equinox")]
+    return bench.compare_to_reference(bench.measure_group(
+        cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=1))
+
+
 def test_batchnorm_flops_are_explained_only_by_identical_linear_algebra(digits, compiled_cases):
     """The ResNet's Haiku and Equinox steps do more FLOPs than the reference (their BatchNorm
     keeps and debiases its statistics its own way); the bench explains that only because their
     convolutions and matrix products are the reference's, one for one."""
-    every, _ = compiled_cases("resnet")
-    cases = [c for c in every if c.pattern == "fast" and c.style in ("jax", "haiku", "equinox")]
-    rows = bench.compare_to_reference(bench.measure_group(
-        cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=1))
+    rows = fast_rows("resnet", digits, compiled_cases)
     assert [r["flops_equal"] for r in rows] == [True, False, False]
     assert all("convolutions and matrix products" in r["flops_note"] for r in rows[1:])
     assert bench.flops_failures(rows) == []
@@ -192,10 +197,7 @@ def test_lstm_flops_are_explained_by_the_same_products_and_haiku_s_input_gradien
     one matrix) and Haiku's does one product over ``[x, h]``: the bench explains their FLOPs
     only because their multiply-adds are the reference's, plus for Haiku exactly the gradient of
     the input rows its concatenated matmul computes (batch x features x 4 hidden) and nobody uses."""
-    every, _ = compiled_cases("lstm")
-    cases = [c for c in every if c.pattern == "fast" and c.style in ("jax", "haiku", "equinox")]
-    rows = bench.compare_to_reference(bench.measure_group(
-        cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=1))
+    rows = fast_rows("lstm", digits, compiled_cases)
     assert [r["flops_equal"] for r in rows] == [True, False, False]
     assert rows[2]["dot_macs"] == rows[0]["dot_macs"] and rows[2]["extra_macs"] == 0
     hidden, features = TINY["lstm"]["hidden"], digits.in_shape[1] * digits.in_shape[2]
@@ -214,10 +216,7 @@ def test_vit_flops_are_explained_by_identical_linear_algebra_and_no_scan_is_clai
     matrix products: the registry's ``elementwise_work`` explains it, but only while the linear
     algebra is identical op for op. The ViT does not scan, though its compiled step has while
     loops (XLA's CPU backend draws random bits in rolled loops): no scan-cost line for it."""
-    every, _ = compiled_cases("vit")
-    cases = [c for c in every if c.pattern == "fast" and c.style in ("jax", "haiku", "equinox")]
-    rows = bench.compare_to_reference(bench.measure_group(
-        cases, dataset=digits, data_examples_per_s=1.0, feed_examples_per_s=1.0, rounds=1, steps=1))
+    rows = fast_rows("vit", digits, compiled_cases)
     assert [r["flops_equal"] for r in rows] == [True, False, False]
     assert all(r["dot_macs"] == rows[0]["dot_macs"] and "mean twice" in r["flops_note"] for r in rows[1:])
     assert bench.flops_failures(rows) == []

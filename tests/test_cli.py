@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from shared import compare
-from shared.cli import main
+from shared.cli import build_parser, config_from, main
 from shared.registry import NAMES, STYLES
 
 
@@ -135,3 +135,16 @@ def test_a_style_beyond_the_noise_floor_is_different_and_fails(monkeypatch, digi
                  "--no-noise-floor", "--data-dir", str(data_dir), "--out", str(tmp_path / "d.json")])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and rows[0]["noise_floor"] is None and rows[0]["parity"] is None
+
+
+def test_the_batch_size_defaults_per_model_and_a_flag_overrides_it(capsys):
+    """The registry's batch size (the ViT trains on batches of 64, the others on 128) unless given;
+    --help lists it per model."""
+    parse = build_parser().parse_args
+    assert config_from(parse(["train", "vit", "--style", "jax"])).batch_size == 64
+    assert config_from(parse(["train", "mlp", "--style", "jax"])).batch_size == 128
+    assert config_from(parse(["train", "vit", "--style", "jax", "--batch-size", "32"])).batch_size == 32
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    assert "vit 64" in " ".join(capsys.readouterr().out.split())

@@ -1,0 +1,21 @@
+"""The test scheduler of conftest.py: which tests go to one worker together."""
+
+from conftest import _ByModel
+
+
+def scope(nodeid: str) -> str:
+    return _ByModel._split_scope(object.__new__(_ByModel), nodeid)  # no xdist session needed
+
+
+def test_a_model_s_tests_form_one_unit_and_the_others_stand_alone():
+    assert scope("zoo/test_parity.py::test_gradients_match_reference[vit-flax]") == "model:vit"
+    assert scope("tests/test_bench.py::test_idiomatic_steps_compute_what_the_loop_computes[vit]") == "model:vit"
+    assert scope("zoo/test_features.py::test_bfloat16_forward_matches_reference[haiku-lstm]") == "model:lstm"
+    assert scope("zoo/test_vit.py::test_how_the_mask_reaches_the_attention") == "model:vit"
+    # Not a model: a style alone, or no parameters; each such test is its own unit.
+    alone = "tests/test_checkpoint.py::test_init_from_takes_only_the_parameters_from_any_style[flax]"
+    assert scope(alone) == alone
+    assert scope("tests/test_data.py::test_digits_split") == "tests/test_data.py::test_digits_split"
+    # The site's tests share one build behind a lock: one unit, whatever their model.
+    assert scope("tests/test_site.py::test_every_style_is_rendered_in_chromium[mlp]") == "file:tests/test_site.py"
+    assert scope("tests/test_site.py::test_tests_named_on_the_pages_exist") == "file:tests/test_site.py"
