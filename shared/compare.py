@@ -48,10 +48,11 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     models = {style: styles_lib.build(model_name, style, in_shape=dataset.in_shape,
                                       num_classes=dataset.num_classes, precision=precision, **hparams)
               for style in dict.fromkeys(("jax", *styles))}
-    init_key, _ = jax.random.split(jax.random.key(config.seed))
-    start_params, start_state = models["jax"].init(init_key)
-    init_canonical = start_params if init_canonical is None else init_canonical
-    init_canonical_state = start_state if init_canonical_state is None else init_canonical_state
+    if init_canonical is None or init_canonical_state is None:  # (an eager init compiles op by op: skip it if given)
+        init_key, _ = jax.random.split(jax.random.key(config.seed))
+        start_params, start_state = models["jax"].init(init_key)
+        init_canonical = start_params if init_canonical is None else init_canonical
+        init_canonical_state = start_state if init_canonical_state is None else init_canonical_state
     results: dict[str, Result] = {}
     for style, model in models.items():
         results[style] = train(model, dataset, config, init_params=model.from_canonical(init_canonical),

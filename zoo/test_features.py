@@ -145,23 +145,27 @@ def test_patterns_that_match_nothing_are_refused(digits):
 BF16_RTOL = 2e-2
 
 
+_FORWARD: dict[tuple, object] = {}  # (model, style, precision): outputs on the first 64 test images
+
+
+def forward(model: str, style: str, precision: str, digits):
+    """Training-mode outputs (with dropout and batch statistics, where the model has them) from
+    the common start, with key 0; each once per worker (the references' serve four styles)."""
+    if (model, style, precision) not in _FORWARD:
+        net = styles_lib.build(model, style, in_shape=digits.in_shape, precision=precision)
+        canonical, state = start(model, digits), start_state(model, digits)
+        _FORWARD[model, style, precision] = jax.jit(net.apply, static_argnums=5)(
+            net.from_canonical(canonical), net.state_from_canonical(state, 0), digits.test.images[:64],
+            digits.test.labels[:64], jax.random.key(0), MODELS[model].train_mode)[0]
+    return _FORWARD[model, style, precision]
+
+
 @pytest.mark.parametrize("model", NAMES)
 @pytest.mark.parametrize("style", OTHERS)
 def test_bfloat16_forward_matches_reference(model, style, digits):
-    canonical = start(model, digits)
-    batch = {"image": digits.test.images[:64], "label": digits.test.labels[:64]}
-    key = jax.random.key(0)
-    ref = styles_lib.build(model, "jax", in_shape=digits.in_shape, precision="bfloat16")
-    net = styles_lib.build(model, style, in_shape=digits.in_shape, precision="bfloat16")
-    state = start_state(model, digits)
-    train_mode = MODELS[model].train_mode  # with dropout and batch statistics, where the model has them
-    expected = jax.jit(ref.apply, static_argnums=5)(canonical, state, batch["image"], batch["label"], key,
-                                                    train_mode)[0]
-    got = jax.jit(net.apply, static_argnums=5)(net.from_canonical(canonical), net.state_from_canonical(state, 0),
-                                               batch["image"], batch["label"], key, train_mode)[0]
-    f32 = styles_lib.build(model, "jax", in_shape=digits.in_shape)
-    full = jax.jit(f32.apply, static_argnums=5)(canonical, state, batch["image"], batch["label"], key,
-                                                train_mode)[0]
+    expected = forward(model, "jax", "bfloat16", digits)
+    got = forward(model, style, "bfloat16", digits)
+    full = forward(model, "jax", "float32", digits)
     for e, g, f in zip(jax.tree.leaves(expected), jax.tree.leaves(got), jax.tree.leaves(full)):
         assert g.dtype == jnp.float32  # outputs come back in float32 for the loss
         scale = float(jnp.max(jnp.abs(e)))

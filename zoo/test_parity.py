@@ -71,14 +71,16 @@ def build(model: str, style: str, in_shape=(8, 8, 1)) -> styles_lib.Model:
 _LOW_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@functools.cache
-def _compiled_init(model: str, style: str, in_shape=(8, 8, 1)):
-    net = build(model, style, in_shape)
-    lowered = jax.jit(net.init).lower(jax.random.key(0))
+def _low_opt(lowered):
     try:
         return lowered.compile(compiler_options=_LOW_OPT)
     except Exception:  # an XLA without these options
         return lowered.compile()
+
+
+@functools.cache
+def _compiled_init(model: str, style: str, in_shape=(8, 8, 1)):
+    return _low_opt(jax.jit(build(model, style, in_shape).init).lower(jax.random.key(0)))
 
 
 def quick_init(model: str, style: str, key: jax.Array, in_shape=(8, 8, 1)):
@@ -324,14 +326,21 @@ def test_dropout_masks_are_the_same_from_the_same_key(model, style, batch):
     np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2), err_msg="eval mode depends on the key")
 
 
-def canonical_grads(model, style, params, state, batch, key):
+@functools.cache
+def jitted_grad(model: str, style: str):
+    """The training-mode loss's gradient, compiled once per style (the reference's serves four)."""
     net = build(model, style)
 
-    def loss_fn(p):
-        outputs, _ = net.apply(p, state, batch["image"], batch["label"], key, True)
+    def loss_fn(params, state, batch, key):
+        outputs, _ = net.apply(params, state, batch["image"], batch["label"], key, True)
         return tasks.per_example(net.kind, outputs, batch)["loss"].mean()
 
-    return flatten_canonical(net.converter.to_canonical(jax.jit(jax.grad(loss_fn))(params), offsets=False))
+    return jax.jit(jax.grad(loss_fn))
+
+
+def canonical_grads(model, style, params, state, batch, key):
+    grads = jitted_grad(model, style)(params, state, batch, key)
+    return flatten_canonical(build(model, style).converter.to_canonical(grads, offsets=False))
 
 
 @pytest.mark.parametrize("model,style", CASES)
@@ -450,9 +459,14 @@ def test_float64_training_matches_the_reference_to_1e_10(model, digits):
     """``precision="float64"``: parameters, state, optimiser and data in float64 in every
     style (Linen and NNX through their own ``param_dtype``), two epochs from one start."""
     with jax.enable_x64(True):
+        hparams = FLOAT64_HPARAMS.get(model, {})
+        reference = styles_lib.build(model, "jax", in_shape=digits.in_shape, num_classes=digits.num_classes,
+                                     precision="float64", **hparams)
+        start, start_state = _low_opt(jax.jit(reference.init).lower(jax.random.key(0)))(jax.random.key(0))
+        assert {leaf.dtype for leaf in jax.tree.leaves(start)} == {jnp.dtype(jnp.float64)}
         rows, results = compare.compare(model, digits, TrainConfig(epochs=2), STYLES, precision="float64",
-                                        progress=False, hparams=FLOAT64_HPARAMS.get(model, {}),
-                                        noise_floor=False)
+                                        progress=False, hparams=hparams, init_canonical=start,
+                                        init_canonical_state=start_state, noise_floor=False)
         for style, result in results.items():
             dtypes = {leaf.dtype for leaf in jax.tree.leaves((result.params, result.model_state))
                       if jnp.issubdtype(leaf.dtype, jnp.floating)}
