@@ -69,6 +69,19 @@ def use_precision(precision: str) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+# XLA options for programs that are compiled to run once (random initialisers): compiling them
+# fully optimised costs seconds each and buys nothing.
+LOW_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compile_low_opt(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    """``lowered.compile()`` at ``LOW_OPT``; as usual on an XLA without these options."""
+    try:
+        return lowered.compile(compiler_options=LOW_OPT)
+    except Exception:  # an XLA without these options
+        return lowered.compile()
+
+
 def rng_key(key: jax.Array) -> jax.Array:
     """The key every style draws a model's randomness with, for a step key ``key``.
 

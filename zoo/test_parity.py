@@ -68,19 +68,9 @@ def build(model: str, style: str, in_shape=(8, 8, 1)) -> styles_lib.Model:
     return styles_lib.build(model, style, in_shape=in_shape, num_classes=10)
 
 
-_LOW_OPT = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _low_opt(lowered):
-    try:
-        return lowered.compile(compiler_options=_LOW_OPT)
-    except Exception:  # an XLA without these options
-        return lowered.compile()
-
-
 @functools.cache
 def _compiled_init(model: str, style: str, in_shape=(8, 8, 1)):
-    return _low_opt(jax.jit(build(model, style, in_shape).init).lower(jax.random.key(0)))
+    return styles_lib.compile_low_opt(jax.jit(build(model, style, in_shape).init).lower(jax.random.key(0)))
 
 
 def quick_init(model: str, style: str, key: jax.Array, in_shape=(8, 8, 1)):
@@ -462,7 +452,8 @@ def test_float64_training_matches_the_reference_to_1e_10(model, digits):
         hparams = FLOAT64_HPARAMS.get(model, {})
         reference = styles_lib.build(model, "jax", in_shape=digits.in_shape, num_classes=digits.num_classes,
                                      precision="float64", **hparams)
-        start, start_state = _low_opt(jax.jit(reference.init).lower(jax.random.key(0)))(jax.random.key(0))
+        start, start_state = styles_lib.compile_low_opt(jax.jit(reference.init).lower(jax.random.key(0)))(
+            jax.random.key(0))
         assert {leaf.dtype for leaf in jax.tree.leaves(start)} == {jnp.dtype(jnp.float64)}
         rows, results = compare.compare(model, digits, TrainConfig(epochs=2), STYLES, precision="float64",
                                         progress=False, hparams=hparams, init_canonical=start,
