@@ -161,8 +161,9 @@ def _fresh_inits(nets: dict[tuple[str, str], Any]) -> dict[tuple[str, str], dict
     and hundreds of small compilations if run eagerly), not running them. The
     key is an ``rbg`` key: XLA's own bit generator compiles in a fraction of
     threefry's time (measured with cProfile: 48 s against about 170 s for
-    every model's inits on 2 CPU cores) and draws from the same distributions, which is all that is
-    measured here (std·√fan_in); the draws themselves are never shown.
+    every model's inits on 2 CPU cores) and draws from the same
+    distributions, which is all that is measured here (std·√fan_in); the
+    draws themselves are never shown.
     """
     def inits(key):
         return {f"{m}/{s}": flatten_canonical(net.to_canonical(net.init_params(key))) for (m, s), net in nets.items()}
