@@ -50,13 +50,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import gzip
 import importlib
+import json
 import math
 import os
 import platform
 import random
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +134,8 @@ class Case:
     # Matrix work this style does beyond the reference's by design of its layers (the registry's
     # ``extra_work``): (multiply-adds in the compiled step, why).
     extra_work: tuple[int, str] | None = None
+    # The compiled step's HLO text, kept by compile_case for time_by_kind.
+    hlo: str | None = None
 
     @property
     def label(self) -> str:
@@ -351,7 +356,7 @@ def compile_case(case: Case) -> dict[str, Any]:
     cost = cost or {}
     memory = compiled.memory_analysis()
     try:
-        hlo = compiled.as_text()
+        hlo = case.hlo = compiled.as_text()
         converts: float | None = float(convert_elements(hlo))
         linear: list | None = linear_algebra(hlo)
         macs: int | None = dot_macs(hlo)
@@ -444,6 +449,88 @@ def pytree_us(case: Case, repeats: int = 300) -> float | None:
         times.append(time.perf_counter() - start)
     case.args = case.advance(case.args, out)
     return 1e6 * float(np.median(times))
+
+
+# --------------------------------------------------------------------------- where the time goes
+
+KINDS = ("convolution", "matmul", "reduction", "layout", "random bits", "elementwise")
+# "%name = shape opcode(" (a tuple shape in brackets), and a computation's "name (...) -> ... {" block.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(.*$", re.M)
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s[^\n]*\{\n(.*?)\n\}", re.M | re.S)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CONTROL = ("while", "conditional", "call")  # their bodies' kernels are timed themselves
+_RANDOM = ("threefry", "random_bits", "_uniform", "_bernoulli", "rng-bit-generator")
+
+
+def instruction_kinds(hlo: str) -> dict[str, str]:
+    """Each HLO instruction that runs as a kernel, by name: what kind of work it does.
+
+    A fusion is judged by the instructions it fuses: a convolution or a matrix
+    product, whatever is fused around it; random bits where its ops come from
+    ``jax.random`` (the threefry hash is most of a dropout's cost); a
+    reduction; a change of layout (a transpose or copy, with whatever
+    elementwise work XLA fused into it: the strided reads are its cost); else
+    elementwise arithmetic. Loops and calls are left out: their bodies'
+    kernels are counted instead.
+    """
+    bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
+    kinds = {}
+    for m in _INSTRUCTION.finditer(hlo):
+        name, opcode, line = m.group(1), m.group(2), m.group(0)
+        if opcode in _CONTROL or opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = bodies.get(called.group(1), "") if called else ""
+        ops = {opcode} | {o for _, o in re.findall(r"%([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(",
+                                                    body)}
+        names = " ".join(_OP_NAME.findall(line + body))
+        if "convolution" in ops:
+            kinds[name] = "convolution"
+        elif "dot" in ops:
+            kinds[name] = "matmul"
+        elif any(r in names for r in _RANDOM) or "rng-bit-generator" in ops:
+            kinds[name] = "random bits"
+        elif ops & {"reduce", "reduce-window"}:
+            kinds[name] = "reduction"
+        elif ops & {"transpose", "copy"}:
+            kinds[name] = "layout"
+        else:
+            kinds[name] = "elementwise"
+    return kinds
+
+
+def kernel_times(run: Callable[[], Any], hlo: str) -> dict[str, float] | None:
+    """Microseconds of kernel time by kind while ``run()`` executes the program ``hlo`` is the text of.
+
+    XLA's CPU runtime reports each kernel (thunk) it runs to ``jax.profiler``
+    under its HLO instruction's name; summed per kind. Kernels may overlap on
+    several threads, so the sum can exceed the wall time. None where the
+    trace names none of the program's instructions (another backend's kernels).
+    """
+    kinds = instruction_kinds(hlo)
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            run()
+        traces = sorted(Path(folder).rglob("*.trace.json.gz"))
+        events = json.loads(gzip.decompress(traces[0].read_bytes())) if traces else {}
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    times = dict.fromkeys(KINDS, 0.0)
+    seen = False
+    for event in events:
+        kind = kinds.get(event.get("name")) if event.get("ph") == "X" else None
+        if kind is not None:
+            times[kind] += float(event.get("dur", 0.0))
+            seen = True
+    return times if seen else None
+
+
+def time_by_kind(case: Case, steps: int = 10) -> dict[str, float] | None:
+    """Kernel microseconds per step by kind (:func:`kernel_times`) for a case compile_case compiled."""
+    if case.hlo is None:
+        return None
+    jax.block_until_ready(case.run(1))
+    times = kernel_times(lambda: jax.block_until_ready(case.run(steps)), case.hlo)
+    return None if times is None else {kind: us / steps for kind, us in times.items()}
 
 
 def device_peak_bytes() -> int | None:
@@ -567,14 +654,17 @@ def _framework_version(style: str) -> str:
 
 def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_examples_per_s: float,
                   feed_examples_per_s: float, rounds: int, steps: int | None, seed: int = 0,
-                  on_round: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                  on_round: Callable[[], None] | None = None, profile: bool = False) -> list[dict[str, Any]]:
     """Compile and time the cases of one model at one batch size (interleaved); one row each.
 
+    With ``profile``, each row also has ``time_by_kind_us`` (:func:`time_by_kind`,
+    traced after the timing so the profiler does not slow it), else None.
     The rows have no ratios yet: :func:`compare_to_reference` adds them.
     """
     where = machine()
     compiled = [{**compile_case(case), "pytree_us": pytree_us(case)} for case in cases]
     timings = time_cases(cases, rounds=rounds, steps=steps, seed=seed, on_round=on_round)
+    kernels = [time_by_kind(case) if profile else None for case in cases]
     return [{
         "model": case.model, "style": case.style, "pattern": case.pattern,
         "idiomatic_is_fast": case.style in IDIOMATIC_IS_FAST,
@@ -587,15 +677,19 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
         "framework": _framework_version(case.style),
         "extra_macs": case.extra_work[0] if case.extra_work else 0,
         "extra_work": case.extra_work[1] if case.extra_work else None,
-    } for case, info, timing in zip(cases, compiled, timings)]
+        "time_by_kind_us": by_kind,
+    } for case, info, timing, by_kind in zip(cases, compiled, timings, kernels)]
 
 
 def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, precision: str = "float32",
           dataset: data_lib.Dataset, patterns: Sequence[str] = PATTERNS, rounds: int = 15,
           steps: int | None = None, seed: int = 0, progress: bool = True, loader_s: float = 0.2,
-          hparams: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Measure every model x style x pattern x batch size; rows with ratios to plain JAX."""
+          hparams: dict[str, dict[str, Any]] | None = None, profile: bool = False) -> list[dict[str, Any]]:
+    """Measure every model x style x pattern x batch size; rows with ratios to plain JAX.
+
+    ``profile``: also trace where each step's kernel time goes (:func:`time_by_kind`).
+    """
 
     hparams = hparams or {}
     for size in batch_sizes:
@@ -622,7 +716,8 @@ def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
             cases = make_cases(name, styles, batch, patterns=patterns, **settings)
             rows += guided_aliases(measure_group(cases, dataset=dataset, data_examples_per_s=loader[size],
                                                  feed_examples_per_s=feed[size], rounds=rounds, steps=steps,
-                                                 seed=seed, on_round=lambda: bar.update(1)), patterns)
+                                                 seed=seed, on_round=lambda: bar.update(1),
+                                                 profile=profile), patterns)
             del cases
     finally:
         bar.close()
@@ -765,7 +860,32 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
                  "same with the loop's `jax.device_put` of every batch.")
     for line in summary(rows):
         lines.append(f"- {line}")
+    if any(r.get("time_by_kind_us") for r in rows):
+        lines += ["", "Where each step's time goes: kernel microseconds per step by kind, from XLA's own "
+                  "per-kernel trace (`zoo bench --profile`; a fusion counts as its heaviest op, and kernels on "
+                  "several threads may overlap):", "", kernel_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def kernel_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The profiled rows' kernel time per step by kind, as a Markdown table."""
+    lines = ["| model | batch | style | pattern | all kernels µs | " + " | ".join(KINDS) + " |",
+             "|" + "---|" * (5 + len(KINDS))]
+    for r in rows:
+        by_kind = r.get("time_by_kind_us")
+        if by_kind and not r.get("same_as"):
+            lines.append(f"| {r['model']} | {r['batch_size']} | {r['style']} | {r['pattern']} "
+                         f"| {sum(by_kind.values()):.0f} | " + " | ".join(f"{by_kind[k]:.0f}" for k in KINDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_excess(row: dict[str, Any], reference: dict[str, Any]) -> str | None:
+    """The kinds of kernel time a row spends beyond the reference's, largest first (profiled rows)."""
+    mine, ref = row.get("time_by_kind_us"), reference.get("time_by_kind_us")
+    if not mine or not ref:
+        return None
+    extra = sorted(((mine[k] - ref[k], k) for k in KINDS), reverse=True)
+    return ", ".join(f"{kind} {us:+.0f} µs" for us, kind in extra if us > 0) or "none"
 
 
 def ratio_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -800,6 +920,10 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
                        f"{worst['step_ratio_iqr'][1]:.2f}; {worst['extra_ms']:+.3f} ms); flattening its "
                        f"arguments and rebuilding its result takes {worst['pytree_us']:.0f} us per call, "
                        f"plain JAX's {ref['pytree_us']:.0f} us")
+            excess = kernel_excess(worst, ref)
+            if excess:
+                out.append(f"batch {size}: {worst['model']}/{worst['style']}'s kernel time per step beyond "
+                           f"plain JAX's, by kind: {excess}")
         for r in at:
             if r["pattern"] in ("idiomatic", "guided") and not r.get("same_as"):
                 out.append(f"batch {size}: {r['model']}/{r['style']} {r['pattern']} ({r['api']}) "
@@ -956,6 +1080,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="folder for bench.json, bench.md, bench.png (default: runs/bench)")
     p.add_argument("--json", type=path_arg, metavar="FILE",
                    help="write the JSON rows here instead of OUT/bench.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace each step's kernels with jax.profiler and report where the time goes: "
+                        "convolutions, matrix products, reductions, layout changes, random bits, elementwise")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -969,7 +1096,7 @@ def run(args: argparse.Namespace) -> int:
     models = tuple(dict.fromkeys(args.models)) or NAMES
     rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
                  precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
-                 steps=args.steps, seed=args.seed, progress=not args.no_progress)
+                 steps=args.steps, seed=args.seed, progress=not args.no_progress, profile=args.profile)
     table = format_markdown(rows)
     write_json(json_path, rows)
     write_text(out / "bench.md", table)

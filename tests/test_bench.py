@@ -49,6 +49,7 @@ def test_every_row_has_every_field(rows):
         assert 0.0 <= row["ready_on_return"] <= 1.0
         assert (row["pytree_us"] > 0) if "fast" in (row["pattern"], row["same_as"]) else row["pytree_us"] is None
         assert row["params"] == 64 * 16 + 16 + 16 * 10 + 10
+        assert row["time_by_kind_us"] is None  # traced only with --profile
         assert row["rounds"] == 2 and row["steps_per_round"] == 3
         assert len(row["round_ms"]) == len(row["round_ms_blocking"]) == 2
         assert row["step_ratio_iqr"][0] <= row["step_ratio"] <= row["step_ratio_iqr"][1]
@@ -256,18 +257,39 @@ def test_loader_throughput_counts_examples(digits, transfer):
     assert math.isfinite(rate) and rate > 0
 
 
+def test_kernel_time_is_attributed_to_what_each_kernel_does():
+    """zoo bench --profile: XLA's per-kernel trace, each kernel sorted by the work its HLO does.
+    The six outputs are independent, so XLA cannot fuse one kind of work into another's kernel."""
+    def f(x, w, m, key):
+        conv = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (conv, x.reshape(32, -1) @ m, jax.random.uniform(key, (256, 256)), x.sum(axis=(1, 2)),
+                jnp.transpose(x, (3, 1, 0, 2)), jnp.tanh(x))
+
+    args = (jnp.ones((32, 16, 16, 8)), jnp.ones((3, 3, 8, 8)), jnp.ones((16 * 16 * 8, 64)), jax.random.key(0))
+    compiled = jax.jit(f).lower(*args).compile()
+    hlo = compiled.as_text()
+    assert set(bench.instruction_kinds(hlo).values()) == set(bench.KINDS)
+    times = bench.kernel_times(lambda: jax.block_until_ready([compiled(*args) for _ in range(3)]), hlo)
+    assert times is not None and set(times) == set(bench.KINDS)
+    assert all(times[kind] > 0 for kind in bench.KINDS), times
+    assert bench.kernel_times(lambda: None, hlo) is None  # nothing ran: no kernel of the program traced
+
+
 def test_bench_command_writes_json_markdown_and_chart(tmp_path, data_dir, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "mlp", "--styles", "equinox", "--patterns", "fast", "--batch-size", "8",
                  "--repeats", "2", "--steps", "2", "--data-dir", str(data_dir), "--out", str(out),
-                 "--no-progress"])
+                 "--profile", "--no-progress"])
     assert code == 0
     rows = json.loads((out / "bench.json").read_text())
     assert isinstance(rows, list) and [(r["style"], r["pattern"]) for r in rows] == [("jax", "fast"),
                                                                                       ("equinox", "fast")]
     assert all(set(r) >= set(bench.ROW_KEYS) for r in rows)
+    # --profile: an MLP's step spends kernel time on its matrix products, and the table shows it.
+    assert all(set(r["time_by_kind_us"]) == set(bench.KINDS) and r["time_by_kind_us"]["matmul"] > 0 for r in rows)
     table = (out / "bench.md").read_text()
     assert "| mlp | 8 | equinox | fast |" in table and table in capsys.readouterr().out
+    assert "Where each step's time goes" in table and "| mlp | 8 | equinox | fast | " in bench.kernel_table(rows)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
