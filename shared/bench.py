@@ -664,6 +664,8 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
     where = machine()
     compiled = [{**compile_case(case), "pytree_us": pytree_us(case)} for case in cases]
     timings = time_cases(cases, rounds=rounds, steps=steps, seed=seed, on_round=on_round)
+    if profile and cases:
+        time_by_kind(cases[0], steps=1)  # a throwaway trace: the profiler's first session starts slowly
     kernels = [time_by_kind(case) if profile else None for case in cases]
     return [{
         "model": case.model, "style": case.style, "pattern": case.pattern,
@@ -862,8 +864,9 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"- {line}")
     if any(r.get("time_by_kind_us") for r in rows):
         lines += ["", "Where each step's time goes: kernel microseconds per step by kind, from XLA's own "
-                  "per-kernel trace (`zoo bench --profile`; a fusion counts as its heaviest op, and kernels on "
-                  "several threads may overlap):", "", kernel_table(rows)]
+                  "per-kernel trace (`zoo bench --profile`: one traced run of ten steps, noisier than the "
+                  "timing; a fusion counts as its heaviest op, and kernels on several threads may overlap):",
+                  "", kernel_table(rows)]
     return "\n".join(lines) + "\n"
 
 
