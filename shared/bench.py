@@ -456,10 +456,11 @@ def pytree_us(case: Case, repeats: int = 300) -> float | None:
 KINDS = ("convolution", "matmul", "reduction", "layout", "random bits", "elementwise")
 # "%name = shape opcode(" (a tuple shape in brackets), and a computation's "name (...) -> ... {" block.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(.*$", re.M)
+_OPCODE = re.compile(r"%[\w.\-]+\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s[^\n]*\{\n(.*?)\n\}", re.M | re.S)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CONTROL = ("while", "conditional", "call")  # their bodies' kernels are timed themselves
-_RANDOM = ("threefry", "random_bits", "_uniform", "_bernoulli", "rng-bit-generator")
+_RANDOM = ("threefry", "random_bits", "_uniform", "_bernoulli")  # in jax.random's op names
 
 
 def instruction_kinds(hlo: str) -> dict[str, str]:
@@ -481,8 +482,7 @@ def instruction_kinds(hlo: str) -> dict[str, str]:
             continue
         called = re.search(r"calls=%?([\w.\-]+)", line)
         body = bodies.get(called.group(1), "") if called else ""
-        ops = {opcode} | {o for _, o in re.findall(r"%([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(",
-                                                    body)}
+        ops = {opcode, *_OPCODE.findall(body)}
         names = " ".join(_OP_NAME.findall(line + body))
         if "convolution" in ops:
             kinds[name] = "convolution"
