@@ -463,8 +463,10 @@ _CONTROL = ("while", "conditional", "call")  # their bodies' kernels are timed t
 _RANDOM = ("threefry", "random_bits", "_uniform", "_bernoulli")  # in jax.random's op names
 
 
-def instruction_kinds(hlo: str) -> dict[str, str]:
-    """Each HLO instruction that runs as a kernel, by name: what kind of work it does.
+def kernels(hlo: str) -> dict[str, tuple[str, str]]:
+    """Each HLO instruction that runs as a kernel, by name: what kind of work it does, and the
+    ``op_name``s of the JAX operations it was made from (where layers name their scopes, such as
+    ``vmap(eqx.nn.BatchNorm)`` or Linen's ``stem_bn``, they say whose work it is).
 
     A fusion is judged by the instructions it fuses: a convolution or a matrix
     product, whatever is fused around it; random bits where its ops come from
@@ -475,7 +477,7 @@ def instruction_kinds(hlo: str) -> dict[str, str]:
     kernels are counted instead.
     """
     bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
-    kinds = {}
+    found = {}
     for m in _INSTRUCTION.finditer(hlo):
         name, opcode, line = m.group(1), m.group(2), m.group(0)
         if opcode in _CONTROL or opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
@@ -485,18 +487,24 @@ def instruction_kinds(hlo: str) -> dict[str, str]:
         ops = {opcode, *_OPCODE.findall(body)}
         names = " ".join(_OP_NAME.findall(line + body))
         if "convolution" in ops:
-            kinds[name] = "convolution"
+            kind = "convolution"
         elif "dot" in ops:
-            kinds[name] = "matmul"
+            kind = "matmul"
         elif any(r in names for r in _RANDOM) or "rng-bit-generator" in ops:
-            kinds[name] = "random bits"
+            kind = "random bits"
         elif ops & {"reduce", "reduce-window"}:
-            kinds[name] = "reduction"
+            kind = "reduction"
         elif ops & {"transpose", "copy"}:
-            kinds[name] = "layout"
+            kind = "layout"
         else:
-            kinds[name] = "elementwise"
-    return kinds
+            kind = "elementwise"
+        found[name] = kind, names
+    return found
+
+
+def instruction_kinds(hlo: str) -> dict[str, str]:
+    """Each kernel's kind (:func:`kernels`), by instruction name."""
+    return {name: kind for name, (kind, _) in kernels(hlo).items()}
 
 
 def kernel_times(run: Callable[[], Any], hlo: str) -> dict[str, float] | None:

@@ -226,6 +226,25 @@ def test_vit_flops_are_explained_by_identical_linear_algebra_and_no_scan_is_clai
     assert len(bench.flops_failures(bench.compare_to_reference(rows))) == 1
 
 
+def test_the_equinox_resnet_s_extra_reductions_and_layout_changes_are_its_own_layers(compiled_cases):
+    """docs/benchmarks.md: the Equinox ResNet's step spends more than the reference's on
+    reductions, which are eqx.nn.BatchNorm's (each example's statistics over its own CHW array,
+    then a mean over the vmapped axis), and on layout changes, which are its channels-first
+    convolutions' (XLA's CPU convolutions run channels-last). Counted in the compiled HLO:
+    BatchNorm's operations alone account for the Equinox step's excess of reduction kernels, and
+    Conv's and BatchNorm's alone make more layout kernels than the reference's whole step (XLA
+    adds copies of its own, named after no operation, around them)."""
+    every, infos = compiled_cases("resnet")
+    fast = {c.style: c for i, c in enumerate(every) if c.pattern == "fast" and infos[i]["flops"]}
+    found = {style: bench.kernels(fast[style].hlo).values() for style in ("jax", "equinox")}
+    for kind, layers in (("reduction", ("eqx.nn.BatchNorm",)), ("layout", ("eqx.nn.Conv", "eqx.nn.BatchNorm"))):
+        ref = sum(k == kind for k, _ in found["jax"])
+        eqx_all = sum(k == kind for k, _ in found["equinox"])
+        eqx_layers = sum(k == kind and any(layer in names for layer in layers) for k, names in found["equinox"])
+        enough = eqx_all - ref if kind == "reduction" else ref + 1
+        assert eqx_all > ref and eqx_layers >= enough, (kind, ref, eqx_all, eqx_layers)
+
+
 def test_dot_macs_counts_multiply_adds():
     def f(a, b):
         return jnp.concatenate([a, a], 1) @ b  # (4, 6) @ (6, 5): 4 * 5 * 6
