@@ -470,7 +470,8 @@ def kernels(hlo: str) -> dict[str, tuple[str, str]]:
 
     A fusion is judged by the instructions it fuses: a convolution or a matrix
     product, whatever is fused around it; random bits where its ops come from
-    ``jax.random`` (the threefry hash is most of a dropout's cost); a
+    ``jax.random`` (the threefry hash, with whatever XLA fused into it: a
+    dropout's mask is often drawn and applied in one kernel); a
     reduction; a change of layout (a transpose or copy, with whatever
     elementwise work XLA fused into it: the strided reads are its cost); else
     elementwise arithmetic. Loops and calls are left out: their bodies'
