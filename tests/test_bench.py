@@ -18,11 +18,11 @@ from shared.cli import main
 from shared.registry import NAMES
 from shared.train import TrainConfig
 
-# Small but whole: the ResNet keeps a stem, a plain block and a projection block (stride 2, 1x1 conv + BN).
 # XLA's CPU backend: the profile reads its runtime's kernel trace (each kernel under its HLO
 # instruction's name), and docs/benchmarks.md's kernel counts are of its programs.
 CPU_ONLY = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA's CPU kernels and kernel trace")
 
+# Small but whole: the ResNet keeps a stem, a plain block and a projection block (stride 2, 1x1 conv + BN).
 TINY = {"mlp": {"hidden_sizes": (16,)}, "vae": {"latents": 2, "hidden": 8},
         "resnet": {"width": 4, "stage_sizes": (1, 1)}, "lstm": {"hidden": 8},
         "vit": {"width": 8, "depth": 1, "num_heads": 2, "mlp_dim": 16}}
