@@ -456,10 +456,11 @@ def pytree_us(case: Case, repeats: int = 300) -> float | None:
 KINDS = ("convolution", "matmul", "reduction", "layout", "random bits", "elementwise")
 # "%name = shape opcode(" (a tuple shape in brackets), and a computation's "name (...) -> ... {" block.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(.*$", re.M)
-_OPCODE = re.compile(r"%[\w.\-]+\s*=\s*(?:\(.*?\)|\S+)\s+([a-z][\w\-]*)\(")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s[^\n]*\{\n(.*?)\n\}", re.M | re.S)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_CONTROL = ("while", "conditional", "call")  # their bodies' kernels are timed themselves
+# Not kernels: loops and calls (their bodies' kernels are timed themselves), and what no kernel runs.
+_NOT_KERNELS = ("while", "conditional", "call", "parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+PROFILE_STEPS = 10  # steps traced per case by --profile
 _RANDOM = ("threefry", "random_bits", "_uniform", "_bernoulli")  # in jax.random's op names
 
 
@@ -481,11 +482,11 @@ def kernels(hlo: str) -> dict[str, tuple[str, str]]:
     found = {}
     for m in _INSTRUCTION.finditer(hlo):
         name, opcode, line = m.group(1), m.group(2), m.group(0)
-        if opcode in _CONTROL or opcode in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
+        if opcode in _NOT_KERNELS:
             continue
         called = re.search(r"calls=%?([\w.\-]+)", line)
         body = bodies.get(called.group(1), "") if called else ""
-        ops = {opcode, *_OPCODE.findall(body)}
+        ops = {opcode, *(fused for _, fused in _INSTRUCTION.findall(body))}
         names = " ".join(_OP_NAME.findall(line + body))
         if "convolution" in ops:
             kind = "convolution"
@@ -533,7 +534,7 @@ def kernel_times(run: Callable[[], Any], hlo: str) -> dict[str, float] | None:
     return times if seen else None
 
 
-def time_by_kind(case: Case, steps: int = 10) -> dict[str, float] | None:
+def time_by_kind(case: Case, steps: int = PROFILE_STEPS) -> dict[str, float] | None:
     """Kernel microseconds per step by kind (:func:`kernel_times`) for a case compile_case compiled."""
     if case.hlo is None:
         return None
@@ -873,8 +874,9 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"- {line}")
     if any(r.get("time_by_kind_us") for r in rows):
         lines += ["", "Where each step's time goes: kernel microseconds per step by kind, from XLA's own "
-                  "per-kernel trace (`zoo bench --profile`: one traced run of ten steps, noisier than the "
-                  "timing; a fusion counts as its heaviest op, and kernels on several threads may overlap):",
+                  f"per-kernel trace (`zoo bench --profile`: one traced run of {PROFILE_STEPS} steps, noisier "
+                  "than the timing; a fusion counts as its heaviest op, and kernels on several threads may "
+                  "overlap):",
                   "", kernel_table(rows)]
     return "\n".join(lines) + "\n"
 
