@@ -1117,6 +1117,10 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, out / "bench.png")
     print(table)
     print(f"wrote {json_path}, {out / 'bench.md'} and {out / 'bench.png'}")
+    if args.profile and not any(r["time_by_kind_us"] for r in rows):
+        print(f"zoo bench: --profile found none of the steps' kernels in jax.profiler's trace (it reads XLA's "
+              f"CPU runtime's kernel names; this backend is {jax.default_backend()}), so time_by_kind_us is "
+              f"null in every row", file=sys.stderr)
     failures = flops_failures(rows)
     if failures:
         print("zoo bench: compiled FLOPs differ from plain JAX (the style computes something else):",

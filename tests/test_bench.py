@@ -324,6 +324,20 @@ def test_bench_command_writes_json_markdown_and_chart(tmp_path, data_dir, capsys
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_profile_that_finds_no_kernels_says_so(tmp_path, data_dir, monkeypatch, capsys):
+    """On a backend whose trace does not name the kernels after the HLO, --profile has nothing to
+    report: the command still writes its rows, and says in one line why they have no profile."""
+    monkeypatch.setattr(bench, "kernel_times", lambda run, hlo: None)
+    code = main(["bench", "mlp", "--styles", "jax", "--patterns", "fast", "--batch-size", "8", "--repeats", "1",
+                 "--steps", "1", "--data-dir", str(data_dir), "--out", str(tmp_path), "--profile", "--no-progress"])
+    assert code == 0
+    err = capsys.readouterr().err.strip()
+    assert "--profile found none of the steps' kernels" in err and len(err.splitlines()) == 1
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert rows and all(r["time_by_kind_us"] is None for r in rows)
+    assert "Where each step's time goes" not in (tmp_path / "bench.md").read_text()
+
+
 def test_bench_command_fails_when_flops_differ(tmp_path, data_dir, monkeypatch, capsys):
     original = bench.make_cases
 
