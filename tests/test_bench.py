@@ -324,9 +324,10 @@ def test_bench_command_writes_json_markdown_and_chart(tmp_path, data_dir, capsys
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_profile_that_finds_no_kernels_says_so(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_profile_that_finds_no_kernels_says_so(tmp_path, data_dir, digits, monkeypatch, capsys):
     """On a backend whose trace does not name the kernels after the HLO, --profile has nothing to
-    report: the command still writes its rows, and says in one line why they have no profile."""
+    report: the command still writes its rows, and says in one line why they have no profile.
+    (digits: the dataset is built first, so only that line reaches stderr.)"""
     monkeypatch.setattr(bench, "kernel_times", lambda run, hlo: None)
     code = main(["bench", "mlp", "--styles", "jax", "--patterns", "fast", "--batch-size", "8", "--repeats", "1",
                  "--steps", "1", "--data-dir", str(data_dir), "--out", str(tmp_path), "--profile", "--no-progress"])
