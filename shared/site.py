@@ -183,7 +183,7 @@ def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
     values = _fresh_inits(nets) if measure else {}
     out = {}
     for (m, s), net in nets.items():
-        template = jax.eval_shape(net.init_params, jax.random.key(0))
+        template, state = jax.eval_shape(net.init, jax.random.key(0))
         canonical_shapes = {k: tuple(v.shape) for k, v in
                             flatten_canonical(jax.eval_shape(net.to_canonical, template)).items()}
         leaves, pooled = [], {}
@@ -218,7 +218,6 @@ def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
         for leaf in leaves:
             if leaf.init is None:
                 leaf.init = measured[leaf.kind].label if leaf.kind in measured else ""
-        state = jax.eval_shape(lambda k: net.init(k)[1], jax.random.key(0))
         state_leaves = [(jax.tree_util.keystr(path), tuple(leaf.shape), str(leaf.dtype))
                         for path, leaf in jax.tree_util.tree_leaves_with_path(state)]
         out[m, s] = StyleParams(s, leaves, measured, sum(math.prod(leaf.shape) for leaf in leaves),

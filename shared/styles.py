@@ -175,10 +175,9 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     if precision == "float64":
         init, apply, generate = _in_float64(init, apply, generate)
     apply = _checked(apply, name, style, in_shape)
-    template = jax.eval_shape(lambda k: init(k)[0], jax.random.key(0))
+    template, state_template = jax.eval_shape(init, jax.random.key(0))  # one trace gives both trees
     _check_fits(name, hparams, template)
     extra = spec.layouts(style, in_shape, hparams) if spec.layouts else {}
-    state_template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
     if state_converter is None:
         state_converter = _named_state(Converter(style, state_template))
     state_converter = _shape_checked(state_converter, state_template)
