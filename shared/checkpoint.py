@@ -545,13 +545,12 @@ def restore_state(directory: str | Path, model: Model, dataset: data_lib.Dataset
     optimizer = train_lib.make_optimizer(config, steps_per_epoch * config.epochs,
                                          train_lib.trainable_labels(model, config))
 
-    def shapes(key):  # every tree's shapes from one trace of the model's init
-        params, state = model.init(key)
-        opt_state = optimizer.init(params)
-        return (opt_state, to_canonical_tree(model, opt_state), model.to_canonical(params),
-                model.state_to_canonical(state))
+    def opt_shapes(key):  # the optimiser state as this style holds it and in the canonical layout
+        opt_state = optimizer.init(model.init_params(key))
+        return opt_state, to_canonical_tree(model, opt_state)
 
-    like_opt, canonical_opt, canonical_params, canonical_state = jax.eval_shape(shapes, jax.random.key(0))
+    like_opt, canonical_opt = jax.eval_shape(opt_shapes, jax.random.key(0))
+    canonical_params, canonical_state = _canonical_shapes(model)
     expected = {"params": flatten(canonical_params), "state": flatten(canonical_state),
                 "opt_state": flatten(canonical_opt),
                 "ema": flatten(canonical_params) if config.ema is not None else {}}
