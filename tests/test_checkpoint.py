@@ -459,22 +459,36 @@ from shared.convert import flatten_canonical
 
 assert len(jax.local_devices()) == 4
 seen = []
-make_train_step = train.make_train_step
+make_train_step, jit = train.make_train_step, jax.jit
+steps = []
 
 
 def spying_make_train_step(*args):
-    """The loop's own step, reporting the shardings XLA compiles it for."""
-    step = make_train_step(*args)
+    """The loop's own step, marked for ``spying_jit``."""
+    steps.append(make_train_step(*args))
+    return steps[-1]
 
-    def spied(state, batch):
-        jax.debug.inspect_array_sharding(batch["image"], callback=lambda s: seen.append(("batch", s)))
-        jax.debug.inspect_array_sharding(jax.tree.leaves(state.params)[0],
-                                         callback=lambda s: seen.append(("params", s)))
-        return step(state, batch)
-    return spied
+
+def spying_jit(fun, **kwargs):
+    """``jax.jit``; for the loop's step, it also reports the shardings XLA compiled the step for.
+
+    (Read from the compiled step rather than from a host callback inside it:
+    JAX keeps no program with a host callback in its compile cache.)
+    """
+    jitted = jit(fun, **kwargs)
+    if not any(fun is step for step in steps):
+        return jitted
+
+    def step(state, batch):
+        if not seen:
+            (state_sharding, batch_sharding), _ = jitted.lower(state, batch).compile().input_shardings
+            seen.extend([("batch", batch_sharding["image"]), ("params", jax.tree.leaves(state_sharding.params)[0])])
+        return jitted(state, batch)
+    return step
 
 
 train.make_train_step = spying_make_train_step
+jax.jit = spying_jit
 dataset = data.load("digits", sys.argv[1])
 report = {}
 # Two ResNet stages: BatchNorm in the stem, a plain block and a projection block, for a third less to compile.
