@@ -33,7 +33,8 @@ def _cache_dir() -> Path:
     return Path(__file__).resolve().parent / ".jax_cache"
 
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache_dir()))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one the user set is kept, and ours is not made
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache_dir())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

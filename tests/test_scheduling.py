@@ -1,6 +1,8 @@
-"""The test scheduler of conftest.py: which tests go to one worker together."""
+"""The test scheduler of conftest.py: which tests go to one worker together; and where its compile cache lives."""
 
-from conftest import _ByModel
+from pathlib import Path
+
+from conftest import _ByModel, _cache_dir
 
 
 def scope(nodeid: str) -> str:
@@ -19,3 +21,12 @@ def test_a_model_s_tests_form_one_unit_and_the_others_stand_alone():
     # The site's tests share one build behind a lock: one unit, whatever their model.
     assert scope("tests/test_site.py::test_every_style_is_rendered_in_chromium[mlp]") == "file:tests/test_site.py"
     assert scope("tests/test_site.py::test_tests_named_on_the_pages_exist") == "file:tests/test_site.py"
+
+
+def test_the_compile_cache_is_the_user_s_unless_that_cannot_be_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _cache_dir() == tmp_path / "zoo" / "jax" and (tmp_path / "zoo" / "jax").is_dir()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # no folder can be made beneath a file
+    assert _cache_dir() == Path(__file__).resolve().parent.parent / ".jax_cache"
