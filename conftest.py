@@ -40,6 +40,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from shared.registry import NAMES  # noqa: E402 (after the cache settings: it imports jax)
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
+def pytest_cmdline_main(config):
+    """A plain `pytest zoo` runs on every core (xdist's ``-n auto``): the checks are hundreds of
+    independent compiles, about 90 s on 2 cores where one process takes about 145 s. An explicit
+    ``-n N`` is kept (``-n 0`` runs in this process, as does ``--pdb``, which xdist cannot serve);
+    the workers themselves never start workers."""
+    if (getattr(config.option, "numprocesses", 0) is None and not config.option.usepdb
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        config.option.numprocesses = "auto"
+
+
 def pytest_collection_modifyitems(items):
     """The heavy tests first (a stable sort): xdist hands tests out in this order, and a
     minutes-long test handed out last would leave one worker idle while the other runs it."""

@@ -1,8 +1,13 @@
-"""The test scheduler of conftest.py: which tests go to one worker together; and where its compile cache lives."""
+"""The test scheduler of conftest.py: which tests go to one worker together, how many workers a
+plain `pytest` starts; and where its compile cache lives."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from conftest import _ByModel, _cache_dir
+from conftest import _ByModel, _cache_dir, pytest_cmdline_main
 
 
 def scope(nodeid: str) -> str:
@@ -30,3 +35,25 @@ def test_the_compile_cache_is_the_user_s_unless_that_cannot_be_made(tmp_path, mo
     blocked.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # no folder can be made beneath a file
     assert _cache_dir() == Path(__file__).resolve().parent.parent / ".jax_cache"
+
+
+def test_a_plain_pytest_starts_a_worker_per_core_and_an_explicit_n_is_kept(monkeypatch):
+    # Once through pytest itself, which proves the hook runs before xdist's (else no workers).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST_"))}
+    env["PYTEST_XDIST_AUTO_NUM_WORKERS"] = "2"  # xdist's own override of the core count
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           "tests/test_scheduling.py::test_a_model_s_tests_form_one_unit_and_the_others_stand_alone"],
+                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "created: 2/2 workers" in done.stdout, done.stdout + done.stderr
+
+    def workers(numprocesses, usepdb=False):
+        config = SimpleNamespace(option=SimpleNamespace(numprocesses=numprocesses, usepdb=usepdb))
+        pytest_cmdline_main(config)
+        return config.option.numprocesses
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    assert workers(None) == "auto"
+    assert (workers(3), workers(0), workers(None, usepdb=True)) == (3, 0, None)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker: it must not start workers itself
+    assert workers(None) is None
