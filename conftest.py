@@ -38,7 +38,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # one the user set is kept, a
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from shared.registry import NAMES  # noqa: E402 (after the cache settings: it imports jax)
+import jax  # noqa: E402 (after the cache settings)
+
+from shared.registry import NAMES  # noqa: E402
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns -n into workers
 def pytest_cmdline_main(config):
@@ -104,3 +106,105 @@ def digits(data_dir):
     from shared import data
 
     return data.load("digits", data_dir)
+
+
+# --------------------------------------------------------------------------- the compile report
+#
+# ``pytest --compile-report`` (or ZOO_COMPILE_REPORT=1) lists the tests that compile the most
+# XLA programs and the seconds they spend compiling, and each model's total against its budget
+# (COMPILE_BUDGETS): the suite's time is mostly compiling, so this keeps it visible as models
+# are added. Counted in the test's own process from JAX's monitoring events: a ``zoo`` started
+# as a subprocess compiles in its own process and shows only in the test's wall time.
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # one per program, cache hit or not
+CACHE_MISS = "/jax/compilation_cache/cache_misses"  # one per program compiled afresh (not in the cache)
+# Seconds of fresh compiling per model's tests, cold, on a 2-core machine (what the suite-time
+# budget of README's test command leaves each of them); "other" is every test of no model.
+COMPILE_BUDGETS = {"mlp": 20, "cnn": 30, "vae": 25, "resnet": 45, "lstm": 30, "vit": 45, "gpt": 90, "other": 90}
+_compiles = {"count": 0, "misses": 0, "seconds": 0.0}
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event == BACKEND_COMPILE:
+        _compiles["count"] += 1
+        _compiles["seconds"] += duration
+
+
+def _on_event(event: str, **_) -> None:
+    if event == CACHE_MISS:
+        _compiles["misses"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-report", type=int, nargs="?", const=15, default=None, metavar="N",
+                     help="list the N tests (default 15) that compile the most XLA programs, and each "
+                          "model's compile seconds against its budget (also: ZOO_COMPILE_REPORT=N)")
+
+
+def _report_size(config) -> int | None:
+    given = config.getoption("compile_report")
+    if given is None and os.environ.get("ZOO_COMPILE_REPORT"):
+        given = int(os.environ["ZOO_COMPILE_REPORT"]) if os.environ["ZOO_COMPILE_REPORT"].isdigit() else 15
+    return given
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.zoo_compile_mark = dict(_compiles)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "teardown":  # a test's last report: what its setup, call and teardown compiled
+        mark = getattr(item, "zoo_compile_mark", {k: 0 for k in _compiles})
+        outcome.get_result().user_properties.append(("zoo_compiles", {k: _compiles[k] - mark[k] for k in _compiles}))
+
+
+def model_of(nodeid: str) -> str:
+    """The model a test belongs to, as the scheduler groups them ("other" for none)."""
+    scope = _ByModel._split_scope(object.__new__(_ByModel), nodeid)
+    return scope.partition(":")[2] if scope.startswith("model:") else "other"
+
+
+_seen: list[tuple[str, dict, float]] = []
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        counts = dict(report.user_properties).get("zoo_compiles")
+        if counts is not None:
+            _seen.append((report.nodeid, counts, _durations.pop(report.nodeid, 0.0) + report.duration))
+    else:
+        _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    size = _report_size(config)
+    if size is None or not _seen or "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("XLA compiles per test")
+    write(f"{'programs':>8} {'fresh':>6} {'compile s':>9} {'wall s':>7}  test")
+    for nodeid, c, wall in sorted(_seen, key=lambda s: -s[1]["seconds"])[:size]:
+        write(f"{c['count']:>8} {c['misses']:>6} {c['seconds']:>9.1f} {wall:>7.1f}  {nodeid}")
+    totals: dict[str, list[float]] = {}
+    for nodeid, c, wall in _seen:
+        t = totals.setdefault(model_of(nodeid), [0, 0, 0.0, 0.0])
+        t[0] += c["count"]
+        t[1] += c["misses"]
+        t[2] += c["seconds"]
+        t[3] += wall
+    write("")
+    write(f"{'model':<8} {'programs':>8} {'fresh':>6} {'compile s':>9} {'budget s':>8} {'wall s':>7}")
+    for model, (count, misses, seconds, wall) in sorted(totals.items()):
+        budget = COMPILE_BUDGETS.get(model)
+        flag = "  over budget" if budget is not None and seconds > budget else ""
+        write(f"{model:<8} {count:>8} {misses:>6} {seconds:>9.1f} {budget or '-':>8} {wall:>7.1f}{flag}")
+    all_ = [sum(t[i] for t in totals.values()) for i in range(4)]
+    write(f"{'all':<8} {all_[0]:>8} {all_[1]:>6} {all_[2]:>9.1f} {'':>8} {all_[3]:>7.1f}")
