@@ -299,7 +299,10 @@ FRAMEWORKS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "haiku": (("dm-haiku", ("jax",)),),  # dm-haiku declares jax only under its "jax" extra
     "equinox": (("equinox", ()),),
 }
-FRAMEWORK_MODULES = {"jax": set(), "flax": {"flax"}, "nnx": {"flax"}, "haiku": {"haiku"}, "equinox": {"equinox"}}
+# What a model file may import beyond the standard library, jax and numpy: its framework (for
+# Equinox also jaxtyping, the shape annotations its docs write, which Equinox itself requires).
+FRAMEWORK_MODULES = {"jax": set(), "flax": {"flax"}, "nnx": {"flax"}, "haiku": {"haiku"},
+                     "equinox": {"equinox", "jaxtyping"}}
 CHECK_SHAPE = (8, 8, 1)  # the digits' image shape: small, so the check is quick
 
 
@@ -445,14 +448,16 @@ def forward(module, item):
         out = module.apply(*args, **takes(module.apply))
         return out[0] if call["state"] else out
     cls = getattr(module, item["class"])
-    lazy = {k: v for k, v in kwargs.items() if k not in item["inferred"]}
+    # Linen and Haiku infer some sizes from the first call: their classes take fewer arguments.
+    lazy = {k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters}
     if style == "flax":
         net = cls(**lazy)
-        args = (x,) + extra + ((True,) if call["train"] else ()) + ((key,) if call["rng"] else ())
+        args = (x,) + extra + ((True,) if call["train"] else ()) + ((key,) if call["rng_argument"] else ())
+        rngs = {call["rng"]: key} if call["rng"] and not call["rng_argument"] else {}
         variables = net.init(key, *args)
         if call["state"]:
-            return net.apply(variables, *args, mutable=["batch_stats"])[0]
-        return net.apply(variables, *args)
+            return net.apply(variables, *args, rngs=rngs, mutable=["batch_stats"])[0]
+        return net.apply(variables, *args, rngs=rngs)
     if style == "nnx":
         from flax import nnx
         net = cls(**kwargs, rngs=nnx.Rngs(0))
@@ -467,6 +472,9 @@ def forward(module, item):
             return f.apply(params, state, key, *args)[0]
         return f.apply(f.init(key, *args), key, *args)
     import equinox as eqx
+    if item["chw"] and "in_shape" in kwargs:  # an Equinox model takes the CHW shape it acts on
+        height, width, channels = kwargs["in_shape"]
+        kwargs = {**kwargs, "in_shape": [channels, height, width]}
     if call["state"]:
         net, state = eqx.nn.make_with_state(cls)(**kwargs, key=key)
     else:
@@ -523,10 +531,10 @@ def check_copies(style: str, copies: Sequence[tuple[Path, str]], *, timeout: flo
         spec = registry.get(model)
         items.append({
             "path": str(path), "dir": str(path.parent), "module": path.stem, "style": style,
-            "kind": spec.kind, "class": spec.class_name, "kwargs": spec.kwargs(CHECK_SHAPE, 10, {}),
-            "inferred": list(spec.inferred), "in_shape": list(CHECK_SHAPE),
-            "chw": style == "equinox" and spec.channels_first,
-            "call": {"labels": spec.labels, "rng": spec.rng, "train": spec.train_mode, "state": spec.state},
+            "kind": spec.kind, "class": spec.class_name, "kwargs": spec.kwargs(CHECK_SHAPE, 10, spec.small),
+            "in_shape": list(CHECK_SHAPE), "chw": style == "equinox" and spec.channels_first,
+            "call": {"labels": spec.labels, "rng": spec.rng, "rng_argument": spec.rng_argument,
+                     "train": spec.train_mode, "state": spec.state},
         })
     repo = os.path.realpath(source_path(NAMES[0], STYLES[0]).parents[2])
     framework = ", ".join(sorted(FRAMEWORK_MODULES[style])) or "no framework"

@@ -67,8 +67,9 @@ def chw_rows_to_hwc(height: int, width: int, channels: int) -> Layout:
     must have its rows permuted, not just its matrix transposed.
     """
     perm = np.arange(channels * height * width).reshape(channels, height, width)
-    perm = perm.transpose(1, 2, 0).ravel()  # canonical row r comes from CHW row perm[r]
-    inverse = np.argsort(perm)
+    # canonical row r comes from CHW row perm[r]; int32 indices, whatever x64 mode says
+    perm = perm.transpose(1, 2, 0).ravel().astype(np.int32)
+    inverse = np.argsort(perm).astype(np.int32)
     return Layout(f"rows CHW -> HWC for a {height}x{width}x{channels} feature map",
                   lambda x: x[perm], lambda x: x[inverse])
 

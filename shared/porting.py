@@ -267,10 +267,9 @@ def _read_eqx(path: Path, native: styles_lib.Model) -> tuple[Any, Any]:
     params = {styles_lib._dotted(p): v for p, v in jax.tree_util.tree_leaves_with_path(arrays)}
     state = {}
     if eqx_state is not None:
-        for name, bn in styles_lib._equinox_layers(module):
-            mean, var = eqx_state.get(bn.batch_state_index)
-            state.update({f"{name}.mean": mean, f"{name}.var": var,
-                          f"{name}.counter": eqx_state.get(bn.batch_counter)})
+        for name, (statistics, counter) in styles_lib.equinox_batch_norms(module, eqx_state):
+            mean, var = eqx_state.get(statistics)
+            state.update({f"{name}.mean": mean, f"{name}.var": var, f"{name}.counter": eqx_state.get(counter)})
     return params, state
 
 

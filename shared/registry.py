@@ -57,6 +57,10 @@ class ModelSpec:
     description: str
     constructor: Callable[[InShape, int, Mapping[str, Any]], dict[str, Any]]
     hparams: tuple[HParam, ...] = ()
+    # The smallest hyperparameters that still take every layer kind and every code path (a
+    # projecting and a plain residual block; one attention block): the size the parity tests
+    # check at, where a compile costs a fraction of the full model's and proves the same.
+    small: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
@@ -66,15 +70,19 @@ class ModelSpec:
     inferred: tuple[str, ...] = ()
     # How the forward pass is called. ``labels``: it sees the labels (the
     # conditional VAE). ``rng``: the name of the randomness it draws ("noise",
-    # "dropout"), which is also the NNX Rngs stream and the Linen argument
-    # prefix; None when it draws none. ``train_mode``: it behaves differently
-    # in training and evaluation (dropout, BatchNorm). ``state``: it keeps
-    # state besides its parameters (BatchNorm's running statistics).
+    # "dropout"), which is also the NNX Rngs stream and the Linen rngs
+    # collection; None when it draws none. ``rng_argument``: Linen takes the
+    # key as the forward pass's last argument (Flax's VAE example's ``z_rng``)
+    # rather than through ``rngs``. ``train_mode``: it behaves differently in
+    # training and evaluation (dropout, BatchNorm). ``state``: it keeps state
+    # besides its parameters (BatchNorm's running statistics).
     labels: bool = False
     rng: str | None = None
+    rng_argument: bool = False
     train_mode: bool = False
     state: bool = False
-    # The Equinox version takes one CHW image rather than one HWC image.
+    # The Equinox version takes one CHW image rather than one HWC image (and an
+    # ``in_shape`` of (C, H, W)), as its convolutions do.
     channels_first: bool = False
     # Converter rules beyond each style's per-leaf conventions (transposes,
     # Haiku's (1, 1, 1, C) statistics), for a style, by the canonical path the
@@ -229,7 +237,7 @@ _REGISTRY = (
             "in_features": math.prod(in_shape), "hidden_sizes": tuple(hp["hidden_sizes"]),
             "num_classes": num_classes},
         hparams=(HParam("hidden_sizes", (128, 128), "hidden layer sizes, comma separated", int_list),),
-        epochs=20, inferred=("in_features",),
+        small={"hidden_sizes": (16,)}, epochs=20, inferred=("in_features",),
     ),
     ModelSpec(
         name="cnn", class_name="CNN", kind="classifier",
@@ -247,7 +255,9 @@ _REGISTRY = (
             "latents": hp["latents"], "hidden": hp["hidden"]},
         hparams=(HParam("latents", 20, "latent size", positive_int),
                  HParam("hidden", 500, "hidden width", positive_int)),
-        epochs=30, labels=True, rng="noise",
+        small={"latents": 4, "hidden": 32}, epochs=30, labels=True, rng="noise", rng_argument=True,
+        elementwise_work=("each framework's own derivation of the noise's key (fold_in, a key sequence, one "
+                          "key per example) and its random bits"),
     ),
     ModelSpec(
         name="resnet", class_name="ResNet", kind="classifier",
@@ -262,9 +272,15 @@ _REGISTRY = (
                  HParam("width", 16, "channels of the first stage (doubled per stage)", positive_int),
                  HParam("dropout", 0.1, "dropout rate before the head", fraction),
                  HParam("bn_momentum", 0.9, "BatchNorm running-average decay", fraction)),
-        epochs=30, inferred=("in_channels",), rng="dropout", train_mode=True, state=True,
+        small={"stage_sizes": (1, 1), "width": 4}, epochs=30, inferred=("in_channels",), rng="dropout",
+        train_mode=True, state=True,
         channels_first=True, ema_decay=lambda hp: hp["bn_momentum"],
-        elementwise_work="the framework's own BatchNorm statistics and debiasing, step counters",
+        # Linen, NNX and Haiku keep BatchNorm's statistics as (1, 1, 1, C) arrays and Haiku's dropout
+        # multiplies by its mask: XLA fuses the reductions otherwise, and now and then a gradient's
+        # last bit differs (measured: the first in step 13 of 50 for Linen).
+        bitwise=(),
+        elementwise_work=("the framework's own BatchNorm statistics and debiasing, step counters, and its own "
+                          "derivation of the dropout key (fold_in, a key sequence, one key per example)"),
     ),
     ModelSpec(
         name="lstm", class_name="LSTM", kind="classifier",
@@ -273,7 +289,7 @@ _REGISTRY = (
         constructor=lambda in_shape, num_classes, hp: {
             "in_features": in_shape[1] * in_shape[2], "num_classes": num_classes, "hidden": hp["hidden"]},
         hparams=(HParam("hidden", 128, "hidden width", positive_int),),
-        epochs=30, lr=3e-3, inferred=("in_features",), layouts=_lstm_rules, scans=True,
+        small={"hidden": 16}, epochs=30, lr=3e-3, inferred=("in_features",), layouts=_lstm_rules, scans=True,
         # Haiku's one matmul over [x, h] sums in another order than the two per gate.
         bitwise=("flax", "nnx"),
         extra_work={"haiku": (
@@ -297,14 +313,17 @@ _REGISTRY = (
         # A transformer on 1,437 digits: a warmup and cosine decay, as ViTs are trained, and batches
         # of 64 (measured, plain JAX, seeds 0 and 1: 97.8 and 96.1% against 95.0 and 96.4% with
         # batches of 128, and 93.1 to 93.9% with a constant 1e-3 or 3e-3 for 30 to 60 epochs).
+        small={"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32},
         epochs=60, batch_size=64, lr=3e-3, schedule="warmup_cosine", warmup_steps=100,
         inferred=("in_shape",), rng="dropout", train_mode=True, channels_first=True,
         layouts=_vit_rules,
-        # hk.LayerNorm takes the mean twice (jnp.mean, then jnp.var), so its gradients add up in
-        # another order: Haiku's forward is bitwise, its backward a rounding off.
-        bitwise=("flax", "nnx"),
-        elementwise_work=("hk.dropout multiplies by its mask where the others select; Haiku's and Equinox's "
-                          "LayerNorm take the mean twice (jnp.var), Equinox's also clamps the variance at 0"),
+        # Linen's and NNX's LayerNorm take the variance in one pass (E[x^2] - E[x]^2), Haiku's takes the
+        # mean twice (jnp.mean, then jnp.var), Equinox's and NNX's attention round in their own order.
+        bitwise=(),
+        elementwise_work=("each framework derives its dropout keys its own way (make_rng's folds, fold_in, a "
+                          "key sequence, one key per example); hk.dropout multiplies by its mask where the "
+                          "others select; Linen's and NNX's LayerNorm take the variance in one pass, Haiku's "
+                          "and Equinox's in two (jnp.var), Equinox's also clamps it at 0"),
     ),
 )
 

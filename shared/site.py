@@ -324,29 +324,44 @@ def differences(measured: dict[str, dict[str, Measured]],
                     "zoo/test_parity.py::test_round_trip_is_exact")),
         Difference("Conv kernels", {s: layout_cell(s, "conv1/kernel", "HWIO") for s in STYLES},
                    ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",
-                    "zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference")),
+                    "zoo/test_parity.py::test_every_deterministic_path_matches_the_reference")),
         Difference("Conv biases", {s: layout_cell(s, "conv1/bias", "(out,)") for s in STYLES},
                    ("tests/test_convert.py::test_layout_notes_describe_equinox_leaves",)),
-        Difference("Images", {s: ("one `CHW` image: `jax.vmap` over the batch" if s == "equinox"
-                                  else "`NHWC` batches") for s in STYLES},
-                   ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
+        Difference("Images", {s: ("one `CHW` image, and `in_shape` is `(C, H, W)`: `jax.vmap` over the batch"
+                                  if s == "equinox" else "`NHWC` batches") for s in STYLES},
+                   ("zoo/test_parity.py::test_every_deterministic_path_matches_the_reference",)),
         Difference("First dense layer after a flatten",
                    {s: layout_cell(s, "dense1/kernel", "rows in HWC order") for s in STYLES},
                    ("tests/test_convert.py::test_a_wrong_flatten_permutation_is_caught",)),
         Difference("Input sizes", {s: inputs_cell(s) for s in STYLES},
                    ("zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one",)),
-        Difference("Conv padding default", padding, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
-        Difference("Pooling padding default", pooling, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",)),
-        Difference("Randomness", {
-            "jax": "a key argument: `apply(params, x, labels, key)`, split into one key per example",
-            "flax": "a key argument (`z_rng`); `self.make_rng` would fold in the module path and "
-                    "draw different noise",
-            "nnx": "an `nnx.Rngs` stream: `rngs.noise()` is `fold_in(key, n)` on the n-th call",
-            "haiku": "`hk.next_rng_key()` draws from the sequence `apply(params, rng, ...)` builds: "
-                     "never `rng` itself",
-            "equinox": "a `key=` keyword argument, one key per example under `jax.vmap`: the model "
-                       "sees one example, so the batch styles draw per example too, or the numbers differ",
-        }, ("zoo/test_parity.py::test_vae_draws_the_same_noise",)),
+        Difference("Conv padding default", padding, ("zoo/test_parity.py::test_every_deterministic_path_matches_the_reference",)),
+        Difference("Pooling padding default", pooling, ("zoo/test_parity.py::test_every_deterministic_path_matches_the_reference",)),
+        Difference("Randomness: how the step's key reaches the model", {
+            "jax": "an argument: `apply(params, x, labels, key)`, split by hand (`jax.random.split`) for each "
+                   "layer that draws",
+            "flax": "the VAE's noise: an argument (`z_rng`, as Flax's VAE example); dropout: "
+                    "`apply(..., rngs={'dropout': key})`, and each `nn.Dropout` draws with `self.make_rng`, "
+                    "which folds the module's path and a count into the key",
+            "nnx": "`model(x, rngs=nnx.Rngs(dropout=key))` at call time: the n-th draw on the stream uses "
+                   "`fold_in(key, n)`",
+            "haiku": "`apply(params, key, ...)`; the modules draw `hk.next_rng_key()`, the next key of "
+                     "`hk.PRNGSequence(key)`, never `key` itself",
+            "equinox": "a `key=` argument per example, `jax.random.split(key, batch)` under `jax.vmap`, split "
+                       "by hand for each layer: the batch frameworks draw one mask for the batch",
+        }, ("zoo/test_randomness.py::test_how_each_framework_derives_the_dropout_key",
+            "zoo/test_randomness.py::test_the_same_draws_give_the_same_outputs",
+            "zoo/test_randomness.py::test_the_vae_noise_by_its_law")),
+        Difference("Randomness: the same key, other numbers", {
+            "jax": "the reference draws from the key as given",
+            "flax": "other masks than the reference's (the path is folded in); the VAE's noise is the "
+                    "reference's (the key arrives as the argument)",
+            "nnx": "other masks and noise: `fold_in(key, n)`",
+            "haiku": "other masks and noise: the sequence's keys",
+            "equinox": "other masks and noise: one key per example",
+        }, ("zoo/test_randomness.py::test_the_same_draws_give_the_same_outputs",
+            "zoo/test_randomness.py::test_dropout_draws_by_its_law",
+            "tests/test_cli.py::test_compare_says_which_runs_drew_their_own_numbers")),
         *normalisation_rows(),
         *attention_rows(),
         *recurrence_rows(),
@@ -362,7 +377,7 @@ def differences(measured: dict[str, dict[str, Measured]],
             "equinox": "layers are created in float64 under x64 (`default_floating_dtype`), but "
                        "convolutions refuse a float32 input instead of promoting it: cast the images too",
         }, ("zoo/test_parity.py::test_float64_dtypes_as_each_framework_makes_them",
-            "zoo/test_parity.py::test_float64_training_matches_the_reference_to_1e_10")),
+            "zoo/test_parity.py::test_fifty_float64_adam_steps_match_the_reference_to_1e_10")),
         Difference("Parameters and state", {
             "jax": f"a nested dict you build and pass: {example['jax']}",
             "flax": f"`init` returns `{{'params': ...}}`; the module holds none: {example['flax']}",
@@ -411,15 +426,27 @@ def normalisation_rows() -> list[Difference]:
                        "the same gap, vanishing the same way",
         }, (resnet + "test_debiased_eval_differs_then_vanishes",
             resnet + "test_linen_and_nnx_eval_has_no_debiasing_gap",
-            "zoo/test_parity.py::test_eval_mode_forward_matches_reference")),
+            "zoo/test_parity.py::test_every_deterministic_path_matches_the_reference")),
         Difference("BatchNorm: batch variance", {
             "jax": "`E[x²] - E[x]²`, clamped at 0 (Linen's order of operations)",
             "flax": "`E[x²] - E[x]²` clamped at 0 (`use_fast_variance=True`)",
             "nnx": "as Linen",
             "haiku": "`E[x²] - E[x]²`, not clamped; gradients differ in the last bit (summation order)",
             "equinox": "`E[(x - E[x])²]`, clamped: a two-pass variance, more FLOPs",
-        }, ("zoo/test_parity.py::test_train_mode_forward_and_new_state_match_reference",
+        }, ("zoo/test_parity.py::test_every_deterministic_path_matches_the_reference",
             "tests/test_bench.py::test_batchnorm_flops_are_explained_only_by_identical_linear_algebra")),
+        Difference("BatchNorm under bfloat16 (`--precision bfloat16`)", {
+            "jax": "the statistics are taken in float32 and the running averages stay float32 (the state is "
+                   "never cast)",
+            "flax": "`dtype=bfloat16` computes in bfloat16, the statistics in float32 "
+                    "(`force_float32_reductions`); `batch_stats` stay float32",
+            "nnx": "as Linen",
+            "haiku": "a jmp policy per module class (`hk.mixed_precision.push_policy`): the model's bfloat16 "
+                     "policy alone reaches `hk.BatchNorm`, whose running averages then come back bfloat16; the "
+                     "zoo gives `hk.BatchNorm` a float32 policy, as Haiku's ImageNet example does",
+            "equinox": "the adapter casts the module's arrays to bfloat16, the state stays float32",
+        }, (resnet + "test_haiku_batchnorm_keeps_float32_statistics_in_a_bfloat16_run",
+            "zoo/test_features.py::test_bfloat16_forward_matches_reference")),
         Difference("Where state lives", {
             "jax": "a second dict you pass in and get back: `apply(params, state, ...) -> (out, state)`",
             "flax": "the `batch_stats` collection: `apply(..., mutable=['batch_stats'])` returns it",
@@ -437,21 +464,22 @@ def normalisation_rows() -> list[Difference]:
             "equinox": "`eqx.nn.inference_mode(model)`: a field, so one static part per mode",
         }, (resnet + "test_eval_mode_is_selected_in_each_framework_s_own_way",)),
         Difference("Dropout: how the key reaches the layer", {
-            "jax": "an argument, split into one key per example",
-            "flax": "an explicit `rng=` to `nn.Dropout`: `rngs={'dropout': key}` would go through "
-                    "`make_rng`, which folds in a hash of the module path",
-            "nnx": "`nnx.Rngs(dropout=key)` at call time, or the layer keeps an RNG stream in its state",
+            "jax": "`dropout(key, rate, x)`: a key argument per call",
+            "flax": "`nn.Dropout(rate)(x, deterministic=not train)` draws `self.make_rng('dropout')` from "
+                    "`apply(..., rngs={'dropout': key})`",
+            "nnx": "`self.dropout(x, rngs=rngs)` with `nnx.Rngs(dropout=key)` given at call time (or the layer "
+                   "keeps an RNG stream of its own)",
             "haiku": "`hk.dropout(hk.next_rng_key(), rate, x)`: a function, not a module",
-            "equinox": "`key=`, one per example under `jax.vmap`",
-        }, ("zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key",
-            resnet + "test_linen_make_rng_would_draw_other_masks")),
+            "equinox": "`self.dropout(x, key=key)`, one key per example under `jax.vmap`",
+        }, ("zoo/test_randomness.py::test_how_each_framework_derives_the_dropout_key",
+            "zoo/test_randomness.py::test_dropout_draws_by_its_law")),
         Difference("Dropout: rate and the deterministic flag", {
             "jax": "`rate`: the probability to drop",
             "flax": f"`nn.Dropout(rate)`; {_default(linen.Dropout, 'deterministic')}, given at call time",
             "nnx": "`nnx.Dropout(rate)`; `deterministic` set by `model.eval()`",
             "haiku": "`hk.dropout(rng, rate, x)`; no flag: do not call it in eval",
             "equinox": f"`eqx.nn.Dropout(p)`; {_default(eqx.nn.Dropout, 'inference')}",
-        }, ("zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key",)),
+        }, ("zoo/test_randomness.py::test_dropout_draws_by_its_law",)),
     ]
 
 
@@ -487,15 +515,15 @@ def attention_rows() -> list[Difference]:
                     f"({_default(linen.MultiHeadDotProductAttention, 'broadcast_dropout')})",
             "nnx": "`mask=` as Linen; `rngs=` and `deterministic`; `decode` must be given; without weight "
                    "dropout its default `attention_fn` hands over to `jax.nn.dot_product_attention`, which "
-                   "scales after the product and takes the softmax in float32 even under x64 (the ViT passes "
-                   "Linen's formula as `attention_fn`)",
+                   "scales after the product and takes the softmax in float32 even under x64 (the zoo's float64 "
+                   "runs give it Flax's own formula as `attention_fn`: `styles.float64_attention`)",
             "haiku": "`mask` with as many dimensions as its logits, `(batch, heads, q, k)`; query, key and value "
                      "all given; logits scaled after the product; no dropout on the attention weights at all",
             "equinox": "`mask` `(q, k)` per example; `key=`, split once per head, with `dropout_p` and `inference`",
         }, (vit + "test_how_the_mask_reaches_the_attention",
             vit + "test_how_the_dropout_key_reaches_the_attention",
             vit + "test_nnx_default_attention_loses_float64",
-            "zoo/test_parity.py::test_dropout_masks_are_the_same_from_the_same_key")),
+            "zoo/test_randomness.py::test_dropout_draws_by_its_law")),
         Difference("GELU", {
             "jax": "`jax.nn.gelu(x, approximate=False)`: the exact erf form, PyTorch's default",
             "flax": f"`nn.gelu`: {_default(linen.gelu, 'approximate')}, the tanh form, up to 4.7e-4 off",
@@ -504,7 +532,8 @@ def attention_rows() -> list[Difference]:
             "equinox": f"`jax.nn.gelu`: {_default(jax.nn.gelu, 'approximate')}",
         }, (vit + "test_gelu_defaults_to_the_tanh_approximation",)),
         Difference("LayerNorm: epsilon and variance", {
-            "jax": "eps 1e-6, two-pass variance `E[(x - E[x])²]`",
+            "jax": "eps 1e-6, two-pass variance `E[(x - E[x])²]`; the ViT gives every style eps 1e-6 and "
+                   "leaves each framework its own variance (the same value, rounded otherwise)",
             "flax": f"`nn.LayerNorm`: {_default(linen.LayerNorm, 'epsilon')}, "
                     f"{_default(linen.LayerNorm, 'use_fast_variance')} (`E[x²] - E[x]²`)",
             "nnx": f"`nnx.LayerNorm`: {_default(nnx.LayerNorm, 'epsilon')}, "

@@ -15,12 +15,15 @@ The contract, the same for every model:
   logvar)``. The returned state is the updated one in training and the same
   one in evaluation.
 
-Randomness: every style draws from ``rng_key(key)``, split into one key per
-example (``jax.random.split(rng_key(key), batch)``), each in its framework's
-idiom (an argument, an ``nnx.Rngs`` stream, ``hk.next_rng_key()``); per
-example because Equinox models act on one example under ``jax.vmap`` and
-that is the only convention in which they draw the same numbers as a
-framework that sees the whole batch.
+Randomness: the step's key reaches each framework the way its own examples
+hand it over: an argument for plain JAX and for Linen's VAE (Flax's VAE
+example passes ``z_rng``), ``rngs={"dropout": key}`` for Linen's dropout, an
+``nnx.Rngs`` at call time for NNX, ``apply(params, key, ...)`` for Haiku (its
+modules draw with ``hk.next_rng_key()``), and one key per example under
+``jax.vmap`` for Equinox (``jax.random.split(key, batch)``). Each framework
+derives its layers' keys in its own way, so the styles draw different masks and
+noise from the same key: ``zoo/test_randomness.py`` checks every style's draws
+by their law and, given the same draws, the same outputs.
 
 Each adapter uses the fastest correct pattern for its framework: plain
 functions under ``jax.jit`` for every style, with NNX models split into a
@@ -45,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import flax.linen as linen
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -80,16 +84,6 @@ def compile_low_opt(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         return lowered.compile(compiler_options=LOW_OPT)
     except Exception:  # an XLA without these options
         return lowered.compile()
-
-
-def rng_key(key: jax.Array) -> jax.Array:
-    """The key every style draws a model's randomness with, for a step key ``key``.
-
-    ``nnx.Rngs(noise=key).noise()`` gives ``fold_in(key, 0)`` on its first
-    call, so that is the convention; the other adapters hand the same key to
-    their framework in its own idiom.
-    """
-    return jax.random.fold_in(key, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +165,7 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     if precision == "float64" and style in PARAM_DTYPE_STYLES:
         kwargs = {**kwargs, "param_dtype": jnp.float64}
     init, apply, generate, native, state_converter, *as_module = _BUILDERS[style](spec, module, kwargs, hparams,
-                                                                                 compute, in_shape)
+                                                                                 compute, in_shape, precision)
     if precision == "float64":
         init, apply, generate = _in_float64(init, apply, generate)
     apply = _checked(apply, name, style, in_shape)
@@ -334,26 +328,19 @@ def _haiku_state(spec: ModelSpec, template: Any, hparams: dict[str, Any]) -> Sta
                           tuple(f"{layer}/{stat}" for layer in layers for stat in ("mean", "var")))
 
 
-def _equinox_layers(template_model: Any) -> list[tuple[str, Any]]:
-    """The model's ``eqx.nn.BatchNorm`` layers, each with its attribute path (``"blocks.0.bn1"``)."""
-    is_bn = lambda node: isinstance(node, eqx.nn.BatchNorm)  # noqa: E731
-    found = jax.tree_util.tree_flatten_with_path(template_model, is_leaf=is_bn)[0]
-    return [(_dotted(path), bn) for path, bn in found if is_bn(bn)]
-
-
 def _dotted(path: tuple) -> str:
     """``blocks.0.conv1.weight``: a key path as the module's attribute path, PyTorch's state-dict names."""
     return jax.tree_util.keystr(path, simple=True, separator=".")
 
 
-def _equinox_state(layers: list[tuple[str, Any]]) -> StateConverter:
+def _equinox_state(layers: list[str]) -> StateConverter:
     """The adapter's flat Equinox state, ``{"stem_bn.mean", "stem_bn.var", "stem_bn.counter", ...}``.
 
     In ``mode="batch"`` an ``eqx.nn.BatchNorm`` keeps ``(mean, var)`` updated
     exactly like the canonical running statistics (from 0 and 1), and a
     counter of updates, which it uses to debias both at inference.
     """
-    names = {path: canonical_name("equinox", (jax.tree_util.DictKey(path),)) for path, _ in layers}
+    names = {path: canonical_name("equinox", (jax.tree_util.DictKey(path),)) for path in layers}
 
     def to_canonical(flat):
         out: Canonical = {}
@@ -378,7 +365,7 @@ def _equinox_state(layers: list[tuple[str, Any]]) -> StateConverter:
 # --------------------------------------------------------------------------- the five adapters
 
 
-def _build_jax(spec, module, kwargs, hparams, compute, in_shape):
+def _build_jax(spec, module, kwargs, hparams, compute, in_shape, precision):
     init_kwargs = _split_kwargs(module.init, kwargs)
     apply_kwargs = _split_kwargs(module.apply, kwargs)
 
@@ -390,7 +377,7 @@ def _build_jax(spec, module, kwargs, hparams, compute, in_shape):
     def apply(params, state, images, labels, key, train):
         args = [_cast(params, compute)] + ([state] if spec.state else []) + [_cast(images, compute)]
         args += [labels] if spec.labels else []
-        args += [rng_key(key)] if spec.rng else []
+        args += [key] if spec.rng else []
         args += [train] if spec.train_mode else []
         out = module.apply(*args, **apply_kwargs)
         out, state = out if spec.state else (out, state)
@@ -403,14 +390,18 @@ def _build_jax(spec, module, kwargs, hparams, compute, in_shape):
     return init, apply, generate, module, None
 
 
-def _build_flax(spec, module, kwargs, hparams, compute, in_shape):
-    kwargs = {k: v for k, v in kwargs.items() if k not in spec.inferred}
-    net = getattr(module, spec.class_name)(**kwargs, dtype=compute)
+def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
+    cls = getattr(module, spec.class_name)
+    net = cls(**_split_kwargs(cls, kwargs), dtype=compute)
     x0, y0 = _dummy_inputs(in_shape)
 
     def call_args(images, labels, key, train):
         return ((images,) + ((labels,) if spec.labels else ()) + ((train,) if spec.train_mode else ())
-                + ((key,) if spec.rng else ()))
+                + ((key,) if spec.rng_argument else ()))
+
+    def rngs(key, train):
+        """Linen's rngs collections: the dropout stream in training; none for a key given as an argument."""
+        return {spec.rng: key} if spec.rng and not spec.rng_argument and train else {}
 
     def init(key):
         variables = net.init(key, *call_args(x0, y0, key, False))
@@ -418,11 +409,11 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape):
 
     def apply(params, state, images, labels, key, train):
         variables = {"params": params, **({"batch_stats": state} if spec.state else {})}
-        args = call_args(images, labels, rng_key(key) if spec.rng else None, train)
+        args = call_args(images, labels, key, train)
         if spec.state and train:
-            out, updates = net.apply(variables, *args, mutable=["batch_stats"])
+            out, updates = net.apply(variables, *args, rngs=rngs(key, train), mutable=["batch_stats"])
             return widen_to_float32(out), dict(updates["batch_stats"])
-        return widen_to_float32(net.apply(variables, *args)), state
+        return widen_to_float32(net.apply(variables, *args, rngs=rngs(key, train))), state
 
     generate = None
     if spec.kind == "vae":
@@ -431,9 +422,13 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape):
     return init, apply, generate, net, None
 
 
-def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
+def _build_nnx(spec, module, kwargs, hparams, compute, in_shape, precision):
     cls = getattr(module, spec.class_name)
     abstract = nnx.eval_shape(lambda: cls(**kwargs, dtype=compute, rngs=nnx.Rngs(0)))
+    if precision == "float64":
+        for _, layer in nnx.iter_graph(abstract):
+            if isinstance(layer, nnx.MultiHeadAttention):
+                layer.attention_fn = float64_attention
     # Training and evaluation are two graphs: model.train() / model.eval() set
     # static attributes (use_running_average, deterministic), not arrays.
     graphdefs = {}
@@ -457,7 +452,7 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
     def apply(params, state, images, labels, key, train):
         model = nnx.merge(graphdefs[train], params, state)
         args = (images,) + ((labels,) if spec.labels else ())
-        if spec.rng:
+        if spec.rng and (train or not spec.train_mode):  # eval mode draws nothing
             args += (nnx.Rngs(**{spec.rng: key}),)
         out = widen_to_float32(model(*args))
         if spec.state and train:
@@ -471,27 +466,54 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape):
     return init, apply, generate, cls, None, lambda params, state, train: nnx.merge(graphdefs[train], params, state)
 
 
-def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
-    kwargs = {k: v for k, v in kwargs.items() if k not in spec.inferred}
+def float64_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
+                      mask: jax.Array | None = None, module: Any = None, **kwargs: Any) -> jax.Array:
+    """``nnx.MultiHeadAttention``'s ``attention_fn`` for float64 runs.
+
+    Its default, ``nnx.dot_product_attention``, hands attention without weight
+    dropout to ``jax.nn.dot_product_attention``, which takes the softmax in
+    float32 whatever the inputs' dtype: a float64 run would round there as a
+    float32 one does. This is Flax's own formula (``flax.linen``'s
+    ``dot_product_attention``: the query scaled, the softmax in the inputs'
+    dtype), which ``nnx.dot_product_attention`` itself computes otherwise.
+    """
+    if is_causal:
+        causal = jnp.tril(jnp.ones((query.shape[-3], key.shape[-3]), bool))
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    return linen.dot_product_attention(query, key, value, mask=mask, **kwargs)
+
+
+# Haiku's mixed precision (jmp policies on module classes): the model computes in bfloat16 with
+# float32 parameters, and its BatchNorm keeps float32 parameters, statistics and arithmetic, as
+# Haiku's ImageNet example sets it, handing bfloat16 on to the next layer.
+HAIKU_POLICY = "params=float32,compute=bfloat16,output=float32"
+HAIKU_BN_POLICY = "params=float32,compute=float32,output=bfloat16"
+
+
+def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
     cls = getattr(module, spec.class_name)
+    kwargs = _split_kwargs(cls, kwargs)
 
     def under_policy(fn: Callable) -> Callable:
-        """Haiku's mixed-precision idiom: a jmp policy attached to the module class.
-
-        push_policy scopes it to this trace, so a bfloat16 model and a float32
-        one can be built side by side.
-        """
+        """push_policy scopes the policies to this trace, so a bfloat16 model and a float32 one
+        can be built side by side."""
         if compute is None:
             return fn
-        policy = jmp.get_policy("params=float32,compute=bfloat16,output=float32")
 
         def with_policy(*args):
-            with hk.mixed_precision.push_policy(cls, policy):
+            with hk.mixed_precision.push_policy(cls, jmp.get_policy(HAIKU_POLICY)), \
+                    hk.mixed_precision.push_policy(hk.BatchNorm, jmp.get_policy(HAIKU_BN_POLICY)):
                 return fn(*args)
         return with_policy
 
-    transform = hk.transform_with_state if spec.state else hk.transform
-    forward = transform(under_policy(lambda *args: cls(**kwargs)(*args)))
+    multi = hk.multi_transform_with_state if spec.state else hk.multi_transform
+
+    @multi
+    def forward():  # hk.multi_transform: one set of parameters for the model's methods
+        model = cls(**kwargs)
+        call = under_policy(model.__call__)
+        return call, (call, under_policy(model.generate)) if spec.kind == "vae" else (call,)
+
     x0, y0 = _dummy_inputs(in_shape)
 
     def call_args(images, labels, train):
@@ -502,21 +524,17 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
         return out if spec.state else (out, {})
 
     def apply(params, state, images, labels, key, train):
-        # A PRNGSequence state whose next key is rng_key(key): the model's
-        # hk.next_rng_key() then draws with the shared key.
-        rng = (key, (rng_key(key),)) if spec.rng else None
+        rng = key if spec.rng and (train or not spec.train_mode) else None  # eval mode draws nothing
         args = call_args(images, labels, train)
         if spec.state:
-            out, new_state = forward.apply(params, state, rng, *args)
+            out, new_state = forward.apply[0](params, state, rng, *args)
             return widen_to_float32(out), (new_state if train else state)
-        return widen_to_float32(forward.apply(params, rng, *args)), state
+        return widen_to_float32(forward.apply[0](params, rng, *args)), state
 
     generate = None
     if spec.kind == "vae":
-        sample = hk.transform(under_policy(lambda z, y: cls(**kwargs).generate(z, y)))
-
         def generate(params, z, labels):
-            return widen_to_float32(sample.apply(params, None, z, labels))
+            return widen_to_float32(forward.apply[1](params, None, z, labels))
     converter = None
     if spec.state:
         template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
@@ -524,8 +542,11 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape):
     return init, apply, generate, forward, converter
 
 
-def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
+def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
     cls = getattr(module, spec.class_name)
+    if spec.channels_first and "in_shape" in kwargs:  # Equinox models take the CHW shape they act on
+        height, width, channels = kwargs["in_shape"]
+        kwargs = {**kwargs, "in_shape": (channels, height, width)}
 
     def make(key):
         if spec.state:
@@ -545,7 +566,7 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     abstract_arrays = eqx.partition(abstract, is_abstract)[0]
     paths = [_dotted(path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract_arrays)]
     arrays_def = jax.tree_util.tree_structure(abstract_arrays)
-    layers = _equinox_layers(abstract)
+    layers = equinox_batch_norms(abstract, abstract_state)
     if spec.state and len(jax.tree.leaves(abstract_state)) != 3 * len(layers):
         raise ValueError(f"{spec.name} (equinox): state other than BatchNorm's is not mapped")
 
@@ -558,18 +579,18 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     def flat_state(state):
         if not spec.state:
             return {}
-        return {f"{path}.{stat}": value for path, bn in layers
+        return {f"{path}.{stat}": value for path, indices in layers
                 for stat, value in zip(("mean", "var", "counter"),
-                                       (*state.get(bn.batch_state_index), state.get(bn.batch_counter)))}
+                                       (*state.get(indices[0]), state.get(indices[1])))}
 
     def equinox_state(flat):
         if not spec.state:
             return None
         # A fresh copy of the (abstract) template: State.set invalidates the object it is called on.
         state = jax.tree_util.tree_unflatten(*reversed(jax.tree_util.tree_flatten(abstract_state)))
-        for path, bn in layers:
-            state = state.set(bn.batch_state_index, (flat[f"{path}.mean"], flat[f"{path}.var"]))
-            state = state.set(bn.batch_counter, flat[f"{path}.counter"])
+        for path, (statistics, counter) in layers:
+            state = state.set(statistics, (flat[f"{path}.mean"], flat[f"{path}.var"]))
+            state = state.set(counter, flat[f"{path}.counter"])
         return state
 
     def init(key):
@@ -583,7 +604,9 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
     # for BatchNorm, the batch axis named for its statistics.
     def apply(params, state, images, labels, key, train):
         net = module(_cast(params, compute), train)
-        out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, equinox_state(state), key)
+        draws = spec.rng is not None and (train or not spec.train_mode)  # eval mode draws nothing
+        out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, equinox_state(state),
+                                       key if draws else None)
         return widen_to_float32(out), flat_state(new_state)
 
     generate = None
@@ -591,18 +614,37 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape):
         def generate(params, z, labels):
             net = module(_cast(params, compute), False)
             return widen_to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
-    converter = _equinox_state(layers) if spec.state else None
+    converter = _equinox_state([path for path, _ in layers]) if spec.state else None
     return init, apply, generate, cls, converter, lambda params, state, train: (module(params, train),
                                                                                   equinox_state(state))
 
 
+def equinox_batch_norms(model: Any, state: Any) -> list[tuple[str, tuple[Any, Any]]]:
+    """Each ``eqx.nn.BatchNorm`` of ``model`` by attribute path, with its two ``eqx.nn.StateIndex``
+    fields: the one holding the running ``(mean, var)`` and the update counter, told apart by what
+    ``state`` holds for them (a pair of arrays, a scalar), whatever the layer calls them."""
+    is_bn = lambda node: isinstance(node, eqx.nn.BatchNorm)  # noqa: E731
+    is_index = lambda node: isinstance(node, eqx.nn.StateIndex)  # noqa: E731
+    out = []
+    for path, bn in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_bn)[0]:
+        if not is_bn(bn):
+            continue
+        indices = [leaf for leaf in jax.tree.leaves(bn, is_leaf=is_index) if is_index(leaf)]
+        pairs = [i for i in indices if isinstance(state.get(i), tuple) and len(state.get(i)) == 2]
+        counters = [i for i in indices if i not in pairs and jnp.ndim(state.get(i)) == 0]
+        if len(pairs) != 1 or len(counters) != 1:
+            raise ValueError(f"{_dotted(path)}: an eqx.nn.BatchNorm whose state is not (mean, var) and a counter")
+        out.append((_dotted(path), (pairs[0], counters[0])))
+    return out
+
+
 def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Array, state: Any,
-                  key: jax.Array) -> tuple[Any, Any]:
+                  key: jax.Array | None) -> tuple[Any, Any]:
     """An Equinox model, which acts on one example, over a batch of NHWC images.
 
     ``jax.vmap`` with the batch axis named ``"batch"`` (BatchNorm's statistics),
     the state shared across the batch, and one key per example split from
-    ``rng_key(key)``.
+    ``key`` (none when ``key`` is None: evaluation).
     """
     x = jnp.transpose(images, (0, 3, 1, 2)) if spec.channels_first else images  # Equinox convolves CHW
     args, in_axes = [x], [0]
@@ -610,7 +652,7 @@ def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Arra
         args, in_axes = args + [labels], in_axes + [0]
     if spec.state:
         args, in_axes = args + [state], in_axes + [None]
-    kw = {"key": jax.random.split(rng_key(key), x.shape[0])} if spec.rng else {}
+    kw = {"key": jax.random.split(key, x.shape[0])} if spec.rng and key is not None else {}
     out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
                    axis_name="batch")(*args, **kw)
     return out if spec.state else (out, state)

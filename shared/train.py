@@ -282,7 +282,7 @@ def make_mesh(devices: int | None) -> Mesh:
 def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
           init_params: Any = None, init_state: Any = None, out_dir: str | Path | None = None,
           progress: bool = True, on_step: Callable[[int, TrainState], None] | None = None,
-          start: TrainState | None = None, log: RunLog | None = None) -> Result:
+          start: TrainState | None = None, log: RunLog | None = None, key_impl: Any = None) -> Result:
     """Train ``model`` on ``dataset`` and return the trained parameters and metrics.
 
     ``init_params`` and ``init_state`` are the model's native parameters and
@@ -292,6 +292,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     there); at the end of an epoch it comes after that epoch's evaluation, so
     ``log`` then holds its record. ``start`` resumes from a saved state, and
     ``log`` (what the run had recorded up to ``start``) continues its metrics.
+    ``key_impl`` is the PRNG implementation of the run's keys (default: JAX's;
+    :data:`shared.draws.MIDPOINT` makes every draw the same in every style).
     """
     config.validate()
     if tuple(dataset.in_shape) != tuple(model.in_shape):
@@ -306,7 +308,7 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    init_key, train_key = jax.random.split(jax.random.key(config.seed, impl=key_impl))
     steps_per_epoch = len(dataset.train) // config.batch_size
     if steps_per_epoch == 0:
         raise ZooError(f"batch size {config.batch_size} is larger than the "

@@ -131,7 +131,9 @@ def test_copied_models_run_without_the_repository(style, tmp_path):
     assert report["cwd"] == str(dest.resolve()) and not report["repo_on_path"] and not report["loaded"]
     assert report["hidden"] > 0
     shapes = {m: entry["shapes"] for m, entry in zip(MODELS, report["items"])}
-    expected = {m: [[2, 64], [2, 20], [2, 20]] if registry.MODELS[m].kind == "vae" else [[2, 10]] for m in MODELS}
+    latents = registry.MODELS["vae"].resolve(registry.MODELS["vae"].small)["latents"]  # the check's small size
+    expected = {m: [[2, 64], [2, latents], [2, latents]] if registry.MODELS[m].kind == "vae" else [[2, 10]]
+                for m in MODELS}
     assert shapes == expected
     assert all(entry["finite"] and entry["file"] == str((dest / f"{m}.py").resolve())
                for m, entry in zip(MODELS, report["items"]))
@@ -141,7 +143,7 @@ def test_copy_command_checks_the_copy(tmp_path, capsys):
     assert main(["copy", "vae", "--style", "equinox", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "import zoo and import shared fail there" in out
-    assert "outputs (2, 64), (2, 20), (2, 20)" in out
+    assert "outputs (2, 64), (2, 4), (2, 4)" in out  # the registry's small VAE: 4 latents
     # The checking Python imported the copy without writing bytecode beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae.py"]
 

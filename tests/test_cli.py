@@ -84,9 +84,12 @@ def test_compare_json_rows(tmp_path):
         assert row["params"] == 26122
         assert row["max_param_diff"] < 1e-5  # two epochs: float32 rounding only
         assert row["noise_floor"] > 0  # the reference from a one-ulp move of its start
-    # Linen lowers to the reference's ops; Equinox sums in another order, within the noise floor.
+    # Linen lowers to the reference's ops; Equinox sums in another order: within the noise floor, or
+    # confirmed as rounding by the same runs in float64.
     assert [r["parity"] for r in rows] == ["bitwise", "rounding"]
-    assert rows[0]["max_param_diff"] == 0 < rows[1]["max_param_diff"] <= rows[1]["noise_floor"]
+    assert rows[0]["max_param_diff"] == 0 < rows[1]["max_param_diff"]
+    assert rows[1]["max_param_diff"] <= rows[1]["noise_floor"] or rows[1]["float64_diff"][0] < 1e-12
+    assert all(r["draws"] is None and r["parity_run"] == "this run" for r in rows)  # the MLP draws nothing
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
 
 
@@ -123,16 +126,19 @@ def test_a_style_beyond_the_noise_floor_is_different_and_fails(monkeypatch, digi
 
     monkeypatch.setattr(compare.styles_lib, "build", build)
     code = main(["compare", "mlp", "--epochs", "1", "--styles", "flax,haiku", "--json", "--no-progress",
-                 "--data-dir", str(data_dir), "--out", str(tmp_path / "c.json")])
+                 "--hidden-sizes", "16", "--data-dir", str(data_dir), "--out", str(tmp_path / "c.json")])
     out, err = capsys.readouterr()
     assert code == 1
     rows = json.loads(out)
     assert [r["parity"] for r in rows] == ["bitwise", "DIFFERENT"]
     assert rows[1]["max_param_diff"] > rows[1]["noise_floor"] > 0
+    # Confirmed in float64, where the difference does not shrink as rounding would.
+    assert rows[1]["float64_diff"][0] > compare.SHRINK * rows[1]["max_param_diff"]
     assert err.strip().splitlines() == [err.strip()]  # one line, the dataset already built
-    assert "haiku differ" in err and "noise floor" in err
+    assert "haiku differ" in err and "noise floor" in err and "float64" in err
     code = main(["compare", "mlp", "--epochs", "1", "--styles", "haiku", "--json", "--no-progress",
-                 "--no-noise-floor", "--data-dir", str(data_dir), "--out", str(tmp_path / "d.json")])
+                 "--hidden-sizes", "16", "--no-noise-floor", "--data-dir", str(data_dir),
+                 "--out", str(tmp_path / "d.json")])
     rows = json.loads(capsys.readouterr().out)
     assert code == 0 and rows[0]["noise_floor"] is None and rows[0]["parity"] is None
 
@@ -148,3 +154,49 @@ def test_the_batch_size_defaults_per_model_and_a_flag_overrides_it(capsys):
         main(["train", "--help"])
     assert done.value.code == 0
     assert "vit 64" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_style_that_only_rounds_is_confirmed_in_float64_even_above_the_floor(monkeypatch, digits, data_dir,
+                                                                              tmp_path, capsys):
+    """With the floor forced to 0 (the one-ulp move made a no-op), the last-bit differences of Haiku's LSTM
+    (one matrix product over [x, h] where the others take two) are above it: the float64 runs confirm
+    them as rounding (they shrink by ~1e-9), and the row says so."""
+    monkeypatch.setattr(compare.jnp, "nextafter", lambda x, direction: x)
+    code = main(["compare", "lstm", "--epochs", "1", "--styles", "haiku", "--json", "--no-progress",
+                 "--hidden", "16", "--data-dir", str(data_dir), "--out", str(tmp_path / "c.json")])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert rows[0]["noise_floor"] == 0 < rows[0]["max_param_diff"]
+    assert rows[0]["float64_diff"][0] <= compare.SHRINK * rows[0]["max_param_diff"]
+    assert rows[0]["parity"] == "rounding"
+
+
+def test_compare_says_which_runs_drew_their_own_numbers(digits, data_dir, tmp_path, capsys):
+    """A model that draws (the ResNet's dropout): the losses and accuracy come from each style's own draws,
+    the differences and verdict from a second run in which every draw is the midpoint in every style;
+    the table says so, and no style is DIFFERENT for its draws alone."""
+    code = main(["compare", "resnet", "--epochs", "1", "--stage-sizes", "1,1", "--width", "4", "--no-progress",
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert {r["draws"] for r in rows} == {"own"} and {r["parity_run"] for r in rows} == {"midpoint draws"}
+    assert all(r["parity"] in ("bitwise", "rounding") for r in rows), rows
+    # Own draws: the styles' losses differ from one another (Linen's, NNX's, Haiku's and Equinox's masks).
+    assert len({r["train_loss"] for r in rows}) > 1
+    assert "each style drew its own dropout masks or noise" in out
+
+
+@pytest.mark.parametrize("precision,diff,floor,confirmed,expected", [
+    ("float32", 0.0, 1e-3, None, "bitwise"),
+    ("float32", 5e-4, 1e-3, None, "rounding"),
+    ("float32", 2e-3, 1e-3, None, "DIFFERENT"),  # above the floor, not confirmed
+    ("float32", 2e-3, 1e-3, [1e-12], "rounding"),  # shrank by 5e-10
+    ("float32", 2e-3, 1e-3, [1e-4], "DIFFERENT"),  # shrank by 5e-2 only: a real difference
+    ("float64", 5e-11, 1e-12, None, "rounding"),  # within 100 floors
+    ("float64", 5e-9, 1e-12, None, "DIFFERENT"),
+])
+def test_the_verdict(precision, diff, floor, confirmed, expected):
+    row = {"max_param_diff": diff, "max_state_diff": None, "noise_floor": floor, "noise_floor_state": None,
+           "float64_diff": confirmed}
+    assert compare.parity(row, precision) == expected

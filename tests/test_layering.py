@@ -4,8 +4,12 @@ Static checks of the source (``ast``), so they cost nothing at run time.
 """
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
+
+import pytest
 
 from shared.registry import NAMES
 
@@ -75,3 +79,43 @@ def test_only_the_registry_branches_on_a_model_name():
             if pattern.search(line) and "kind" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+# The other frameworks each style's model files must not name (a difference between frameworks belongs
+# in the porting table and docs/porting.md, not in a file meant to be copied).
+OTHER_FRAMEWORKS = {
+    "jax": ("flax", "linen", "nnx", "haiku", "equinox", "pytorch", "torch", "keras", "tensorflow"),
+    "flax": ("nnx", "haiku", "equinox", "pytorch", "torch", "keras", "tensorflow"),
+    "nnx": ("linen", "haiku", "equinox", "pytorch", "torch", "keras", "tensorflow"),
+    "haiku": ("flax", "linen", "nnx", "equinox", "pytorch", "torch", "keras", "tensorflow"),
+    "equinox": ("flax", "linen", "nnx", "haiku", "pytorch", "torch", "keras", "tensorflow"),
+}
+
+
+def _prose(path: Path) -> list[tuple[int, str]]:
+    """Every comment and string literal of a file (docstrings included), with its line."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return [(tok.start[0], tok.string) for tok in tokens if tok.type in (tokenize.COMMENT, tokenize.STRING)]
+
+
+@pytest.mark.parametrize("style", list(OTHER_FRAMEWORKS))
+def test_model_files_follow_their_own_framework(style):
+    """No model file names another framework in its comments or docstrings, imports a private module
+    (``flax.nnx.nn``, ``haiku._src``, ``equinox._...``), or (in Linen, NNX and Haiku, which see a batch)
+    vmaps a layer or a draw with ``jax.vmap`` to copy per-example draws."""
+    for path in sorted((ROOT / "zoo" / style).glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for line, text in _prose(path):
+            words = set(re.findall(r"[a-z]+", text.lower()))
+            named = sorted(words & set(OTHER_FRAMEWORKS[style]))
+            assert not named, f"{path.relative_to(ROOT)}:{line} names {', '.join(named)}"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            module = node.module if isinstance(node, ast.ImportFrom) else (
+                node.names[0].name if isinstance(node, ast.Import) else None)
+            if module:
+                private = [part for part in module.split(".") if part.startswith("_")]
+                assert not private and not module.startswith("flax.nnx.nn"), f"{path.name} imports {module}"
+        if style in ("flax", "nnx", "haiku"):
+            assert "jax.vmap(" not in path.read_text(), f"{path.relative_to(ROOT)} vmaps with jax.vmap"

@@ -8,7 +8,6 @@ caught). Every test here backs a row of the site's porting-differences table.
 """
 
 import dataclasses
-import functools
 
 import equinox as eqx
 import flax.linen as nn
@@ -24,15 +23,16 @@ from shared import styles as styles_lib
 from shared.errors import ZooError
 from shared.layouts import Converter
 from shared.train import TrainConfig, trainable_labels
+from zoo import harness
 from zoo.jax.lstm import lstm_cell  # the reference cell: carry (c, h)
 
 MODEL = "lstm"
 FEATURES, HIDDEN = 3, 4
+SMALL_HIDDEN = registry.MODELS[MODEL].small["hidden"]
 
 
-@functools.cache
-def build(style: str, in_shape=(8, 8, 1)) -> styles_lib.Model:
-    return styles_lib.build(MODEL, style, in_shape=in_shape)
+def build(style: str) -> styles_lib.Model:
+    return harness.build(MODEL, style)
 
 
 def test_gate_layouts_as_each_framework_makes_them():
@@ -111,17 +111,17 @@ def test_carry_order_differs():
     """Linen and NNX carry ``(c, h)``; Haiku ``LSTMState(hidden, cell)``; Equinox ``(h, c)``.
     One step from a zero carry with a nonzero input gives h != c; each framework returns them in
     its own order."""
-    net = build("jax")
-    params = net.init_params(jax.random.key(0))["lstm"]["cell"]
+    canonical = harness.start(MODEL)[0]
+    params = canonical["lstm"]["cell"]
     x = jax.random.normal(jax.random.key(1), (1, 8))
-    zeros = jnp.zeros((1, 128))
+    zeros = jnp.zeros((1, SMALL_HIDDEN))
     (c, h), _ = lstm_cell(params, (zeros, zeros), x)
     assert float(jnp.max(jnp.abs(c - h))) > 1e-3
     linen_params = {"params": params}
-    (lc, lh), _ = nn.LSTMCell(128).apply(linen_params, (zeros, zeros), x)
+    (lc, lh), _ = nn.LSTMCell(SMALL_HIDDEN).apply(linen_params, (zeros, zeros), x)
     np.testing.assert_array_equal(np.asarray(lc), np.asarray(c))
     eqx_net = build("equinox")
-    cell = eqx_net.as_module(eqx_net.from_canonical(net.init_params(jax.random.key(0))), {}, False)[0].lstm
+    cell = eqx_net.as_module(eqx_net.from_canonical(canonical), {}, False)[0].lstm
     eh, ec = cell(x[0], (zeros[0], zeros[0]))
     np.testing.assert_allclose(np.asarray(eh), np.asarray(h[0]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(ec), np.asarray(c[0]), atol=1e-6)
@@ -133,12 +133,11 @@ def test_scan_idioms_are_the_reference_scan():
     hk.dynamic_unroll is time-major unless ``time_major=False``; Equinox has no RNN layer and
     the model scans with ``jax.lax.scan`` itself. Each gives the reference's outputs."""
     images = jax.random.uniform(jax.random.key(2), (5, 8, 8, 1))
-    reference = build("jax")
-    canonical = reference.init_params(jax.random.key(3))
-    expected = reference.apply(canonical, {}, images, None, None, False)[0]
+    canonical = harness.start(MODEL)[0]
+    expected = jax.jit(build("jax").apply, static_argnums=5)(canonical, {}, images, None, None, False)[0]
     for style in ("flax", "nnx", "haiku", "equinox"):
         net = build(style)
-        got = net.apply(net.from_canonical(canonical), {}, images, None, None, False)[0]
+        got = jax.jit(net.apply, static_argnums=5)(net.from_canonical(canonical), {}, images, None, None, False)[0]
         atol = 0 if style in registry.MODELS[MODEL].bitwise else 1e-5
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=atol, err_msg=style)
     # Haiku's default is time-major: the same (batch, time, features) array read as (time, batch, ...)
@@ -151,7 +150,7 @@ def test_scan_idioms_are_the_reference_scan():
 
 def wrong_rules(**changes):
     """The Haiku LSTM's converter rules with one thing changed."""
-    rules = registry._lstm_rules("haiku", (8, 8, 1), registry.MODELS[MODEL].resolve({}))
+    rules = registry._lstm_rules("haiku", (8, 8, 1), registry.MODELS[MODEL].resolve(registry.MODELS[MODEL].small))
     return {path: dataclasses.replace(rule, **changes.get(path, {})) for path, rule in rules.items()}
 
 
@@ -159,16 +158,16 @@ def outputs_with(rules, canonical, images):
     net = build("haiku")
     template = jax.eval_shape(net.init_params, jax.random.key(0))
     params = Converter("haiku", template, rules).from_canonical(canonical)
-    return net.apply(params, {}, images, None, None, False)[0]
+    return jax.jit(net.apply, static_argnums=5)(params, {}, images, None, None, False)[0]
 
 
 def test_a_wrong_gate_order_or_a_missing_offset_is_caught(monkeypatch):
     images = jax.random.uniform(jax.random.key(4), (16, 8, 8, 1))
     reference = build("jax")
-    canonical = reference.init_params(jax.random.key(5))
+    canonical = jax.tree.map(lambda x: x, harness.start(MODEL)[0])
     # A nonzero canonical forget bias, so that the offset shows even where a zero would be 1.
-    canonical["lstm"]["cell"]["hf"]["bias"] = jnp.full((128,), 0.3)
-    expected = np.asarray(reference.apply(canonical, {}, images, None, None, False)[0])
+    canonical["lstm"]["cell"]["hf"]["bias"] = jnp.full((SMALL_HIDDEN,), 0.3)
+    expected = np.asarray(jax.jit(reference.apply, static_argnums=5)(canonical, {}, images, None, None, False)[0])
     right = np.asarray(outputs_with(wrong_rules(), canonical, images))
     np.testing.assert_allclose(right, expected, rtol=0, atol=1e-5)
     no_offset = wrong_rules(**{"lstm/linear/bias": {"offsets": {}}})

@@ -1,10 +1,12 @@
-"""BatchNorm and dropout: where the frameworks differ, measured.
+"""BatchNorm: where the frameworks differ, measured.
 
 ``test_parity.py`` proves that every style's ResNet is the reference's network
-in training mode. Here: how each framework keeps its running statistics, how
-eval mode is selected, how the dropout key arrives, and the one difference no
+in training mode, and ``test_randomness.py`` how each draws its dropout mask.
+Here: how each framework keeps its running statistics, how eval mode is
+selected, BatchNorm's precision in a bfloat16 run, and the one difference no
 configuration removes: Haiku and Equinox debias their running averages, so
 their eval outputs differ from the reference's until ``decay**t`` vanishes.
+All at the registry's small size.
 
 Every test here backs a row of the site's porting-differences table.
 """
@@ -12,10 +14,10 @@ Every test here backs a row of the site's porting-differences table.
 import functools
 
 import equinox as eqx
-import flax.linen as nn
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import jmp
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,16 +26,19 @@ from shared import data as data_lib
 from shared import styles as styles_lib
 from shared.layouts import flatten_canonical
 from shared.registry import MODELS
-from zoo.test_parity import quick_init
+from shared.train import TrainConfig, train
+from zoo import harness
+from zoo.harness import quick_init
+from zoo.haiku.resnet import ResNet as HaikuResNet
 
 MODEL = "resnet"
 SPEC = MODELS[MODEL]
 DECAY = SPEC.defaults["bn_momentum"]
+KWARGS = SPEC.kwargs((8, 8, 1), 10, SPEC.small)
 
 
-@functools.cache
-def build(style: str) -> styles_lib.Model:
-    return styles_lib.build(MODEL, style, in_shape=(8, 8, 1))
+def build(style: str, precision: str = "float32") -> styles_lib.Model:
+    return harness.build(MODEL, style, precision)
 
 
 @functools.cache
@@ -57,14 +62,13 @@ def test_every_framework_is_configured_with_the_same_decay_and_epsilon():
     """Linen and NNX call the decay ``momentum``, Haiku ``decay_rate``, Equinox ``momentum``;
     epsilon is 1e-5 everywhere, and Equinox runs in ``mode="batch"`` (its default "ema" mode
     normalises training batches with running averages, unlike every other framework)."""
-    kwargs = SPEC.kwargs((8, 8, 1), 10, {})
     linen = build("flax").module
-    bound = linen.bind(linen.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), False))
+    bound = linen.bind(jax.eval_shape(lambda: linen.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), False)))
     linen_bns = [bound.stem_bn] + [bn for block in bound.blocks for bn in (block.bn1, block.bn2)]
     assert {(bn.momentum, bn.epsilon) for bn in linen_bns} == {(DECAY, 1e-5)}
-    model = build("nnx").module(**kwargs, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: build("nnx").module(**KWARGS, rngs=nnx.Rngs(0)))
     assert {(bn.momentum, bn.epsilon) for bn in layers_of(model, nnx.BatchNorm)} == {(DECAY, 1e-5)}
-    net = eqx.filter_eval_shape(lambda: build("equinox").module(**kwargs, key=jax.random.key(0)))
+    net = eqx.filter_eval_shape(lambda: build("equinox").module(**KWARGS, key=jax.random.key(0)))
     assert {(bn.momentum, bn.eps, bn.mode) for bn in layers_of(net, eqx.nn.BatchNorm)} == {(DECAY, 1e-5, "batch")}
     seen = []
 
@@ -75,11 +79,11 @@ def test_every_framework_is_configured_with_the_same_decay_and_epsilon():
     original = hk.BatchNorm.__call__
     hk.BatchNorm.__call__ = spy
     try:
-        jax.eval_shape(build("haiku").init, jax.random.key(0))  # traced only: the spy sees every layer
+        jax.eval_shape(lambda k: build("haiku").init(k), jax.random.key(0))  # a fresh trace: the spy sees every layer
     finally:
         hk.BatchNorm.__call__ = original
     assert {entry[1:] for entry in seen} == {(DECAY, 1e-5, True)}
-    assert len({entry[0] for entry in seen}) == len(linen_bns) + 2  # and the two projections' BNs
+    assert len({entry[0] for entry in seen}) == len(linen_bns) + 1  # and the projection's BN
 
 
 def native_state_summary(style: str) -> dict[str, tuple]:
@@ -145,14 +149,13 @@ def test_eval_mode_is_selected_in_each_framework_s_own_way(batches):
     keeps two graphdefs); Haiku: ``is_training``; Equinox: ``eqx.nn.inference_mode`` (a static
     field, so two static parts). Eval mode leaves the state as it is; train mode changes it."""
     batch = batches[0]
-    model = build("nnx").module(**SPEC.kwargs((8, 8, 1), 10, {}), rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: build("nnx").module(**KWARGS, rngs=nnx.Rngs(0)))
     model.eval()
     assert all(bn.use_running_average for bn in layers_of(model, nnx.BatchNorm))
     assert all(d.deterministic for d in layers_of(model, nnx.Dropout))
     model.train()
     assert not any(bn.use_running_average for bn in layers_of(model, nnx.BatchNorm))
-    net = eqx.filter_eval_shape(lambda: build("equinox").module(**SPEC.kwargs((8, 8, 1), 10, {}),
-                                                               key=jax.random.key(0)))
+    net = eqx.filter_eval_shape(lambda: build("equinox").module(**KWARGS, key=jax.random.key(0)))
     assert all(layer.inference for layer in layers_of(eqx.nn.inference_mode(net), (eqx.nn.BatchNorm,
                                                                                     eqx.nn.Dropout)))
     for style in ("jax", "flax", "nnx", "haiku", "equinox"):
@@ -167,30 +170,36 @@ def test_eval_mode_is_selected_in_each_framework_s_own_way(batches):
         assert any(not np.array_equal(after_train[p], canonical[p]) for p in canonical), style
 
 
-def test_linen_make_rng_would_draw_other_masks(batches):
-    """Why the Linen ResNet takes its dropout key as an argument: ``self.make_rng("dropout")``
-    folds a hash of the module path into the key, so ``rngs={"dropout": key}`` draws other
-    masks than the key itself; an explicit key gives the reference's."""
-
-    class Probe(nn.Module):
-        @nn.compact
-        def __call__(self):
-            return self.make_rng("dropout")
-
-    key = jax.random.key(5)
-    derived = Probe().apply({}, rngs={"dropout": key})
-    assert not np.array_equal(jax.random.key_data(derived), jax.random.key_data(key))
-    assert not np.array_equal(jax.random.key_data(derived), jax.random.key_data(jax.random.fold_in(key, 0)))
+def test_haiku_batchnorm_keeps_float32_statistics_in_a_bfloat16_run(digits):
+    """Haiku's mixed precision is a jmp policy per module class: the adapter gives ``hk.BatchNorm`` float32
+    parameters, statistics and arithmetic (handing bfloat16 on), as Haiku's ImageNet example does. Under
+    the model's own bfloat16 policy alone, its running averages would come back as bfloat16. (Traced for
+    the dtypes only: nothing to compile.)"""
+    net = build("haiku", "bfloat16")
+    params, state = harness.native(MODEL, "haiku")
+    batch = harness.batch(digits)
+    _, new_state = jax.eval_shape(lambda p, s, x, y: net.apply(p, s, x, y, jax.random.key(0), True),
+                                  params, state, batch["image"], batch["label"])
+    floats = {leaf.dtype for leaf in jax.tree.leaves(new_state) if jnp.issubdtype(leaf.dtype, jnp.floating)}
+    assert floats == {jnp.dtype(jnp.float32)}
+    # The model class's policy alone reaches BatchNorm: bfloat16 statistics.
+    kwargs = {k: v for k, v in KWARGS.items() if k != "in_channels"}
+    forward = hk.transform_with_state(lambda x, training: HaikuResNet(**kwargs)(x, training))
+    with hk.mixed_precision.push_policy(HaikuResNet, jmp.get_policy(styles_lib.HAIKU_POLICY)):
+        init_params, init_state = jax.eval_shape(lambda k, x: forward.init(k, x, True), jax.random.key(0),
+                                                 batch["image"][:2])
+        _, bf16_state = jax.eval_shape(lambda p, s, k, x: forward.apply(p, s, k, x, True), init_params,
+                                       init_state, jax.random.key(1), batch["image"])
+    assert jnp.dtype(jnp.bfloat16) in {leaf.dtype for leaf in jax.tree.leaves(bf16_state)}
 
 
 def test_a_frozen_layer_s_statistics_still_follow_its_batches(digits):
     """``--train-only head/*``: the frozen parameters do not move, but BatchNorm's running
     statistics are updated in training mode all the same (as PyTorch's ``train()`` does)."""
-    from shared.train import TrainConfig, train
-
     net = build("haiku")
     params, state = quick_init(MODEL, "jax", jax.random.key(3))
-    result = train(net, digits, TrainConfig(epochs=1, train_only=("head/*",)), init_params=net.from_canonical(params),
+    result = train(net, digits, TrainConfig(epochs=1, batch_size=256, train_only=("head/*",)),
+                   init_params=net.from_canonical(params),
                    init_state=net.state_from_canonical(state, 0), progress=False)
     before, after = flatten_canonical(params), flatten_canonical(net.to_canonical(result.params))
     for path in before:

@@ -9,7 +9,6 @@ site's porting-differences table.
 """
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import equinox as eqx
@@ -24,7 +23,7 @@ from flax import nnx
 from shared import registry
 from shared import styles as styles_lib
 from shared.layouts import Converter, Layout, Renamed
-from zoo.nnx import vit as zoo_nnx_vit
+from zoo import harness
 
 ZOO = Path(__file__).resolve().parent
 MODEL = "vit"
@@ -32,9 +31,8 @@ WIDTH, HEADS, SEQ = 8, 2, 5
 HEAD_DIM = WIDTH // HEADS
 
 
-@functools.cache
-def build(style: str, in_shape=(8, 8, 1)) -> styles_lib.Model:
-    return styles_lib.build(MODEL, style, in_shape=in_shape)
+def build(style: str) -> styles_lib.Model:
+    return harness.build(MODEL, style)
 
 
 def _shapes(tree) -> dict:
@@ -50,25 +48,26 @@ def haiku_attention(**kwargs):
 def test_attention_kernel_layouts_and_bias_defaults():
     """Linen and NNX: ``(in, heads, head_dim)`` kernels and ``(heads, head_dim)`` biases, output
     ``(heads, head_dim, out)``. Haiku: ``(in, heads * head_dim)``, output ``linear``, and no default
-    initialiser. Equinox: ``(heads * head_dim, in)`` and no biases unless asked."""
+    initialiser. Equinox: ``(heads * head_dim, in)`` and no biases unless asked. (Shapes only:
+    ``jax.eval_shape``, nothing compiled.)"""
     x = jnp.ones((1, SEQ, WIDTH))
-    linen = nn.MultiHeadDotProductAttention(HEADS).init(jax.random.key(0), x)["params"]
+    linen = jax.eval_shape(lambda: nn.MultiHeadDotProductAttention(HEADS).init(jax.random.key(0), x))["params"]
     assert _shapes(linen) == {
         **{f"['{n}']['kernel']": (WIDTH, HEADS, HEAD_DIM) for n in ("query", "key", "value")},
         **{f"['{n}']['bias']": (HEADS, HEAD_DIM) for n in ("query", "key", "value")},
         "['out']['kernel']": (HEADS, HEAD_DIM, WIDTH), "['out']['bias']": (WIDTH,)}
-    attention = nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=nnx.Rngs(0))
+    attention = nnx.eval_shape(lambda: nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=nnx.Rngs(0)))
     assert _shapes(nnx.to_pure_dict(nnx.state(attention, nnx.Param))) == _shapes(linen)
 
-    haiku = haiku_attention().init(jax.random.key(0), x)
+    haiku = jax.eval_shape(lambda: haiku_attention().init(jax.random.key(0), x))
     assert _shapes(haiku) == {
         **{f"['attn/{n}']['w']": (WIDTH, HEADS * HEAD_DIM) for n in ("query", "key", "value", "linear")},
         **{f"['attn/{n}']['b']": (HEADS * HEAD_DIM,) for n in ("query", "key", "value", "linear")}}
     with pytest.raises(ValueError, match="w_init"):
-        hk.transform(lambda q: hk.MultiHeadAttention(HEADS, HEAD_DIM, model_size=WIDTH)(q, q, q)).init(
-            jax.random.key(0), x)
+        jax.eval_shape(lambda: hk.transform(lambda q: hk.MultiHeadAttention(HEADS, HEAD_DIM, model_size=WIDTH)(
+            q, q, q)).init(jax.random.key(0), x))
 
-    plain = eqx.nn.MultiheadAttention(HEADS, WIDTH, key=jax.random.key(0))
+    plain = eqx.filter_eval_shape(lambda: eqx.nn.MultiheadAttention(HEADS, WIDTH, key=jax.random.key(0)))
     assert plain.query_proj.weight.shape == (HEADS * HEAD_DIM, WIDTH)
     assert all(layer.bias is None for layer in (plain.query_proj, plain.key_proj, plain.value_proj,
                                                 plain.output_proj))
@@ -78,38 +77,43 @@ def test_attention_takes_a_batch_or_one_example():
     """Linen, NNX and Haiku attend over ``(batch, seq, features)``; Equinox's attention is
     written for one ``(seq, features)`` example and is vmapped over the batch."""
     batch = jnp.ones((3, SEQ, WIDTH))
-    out = nn.MultiHeadDotProductAttention(HEADS).init_with_output(jax.random.key(0), batch)[0]
+    out = jax.eval_shape(lambda: nn.MultiHeadDotProductAttention(HEADS).init_with_output(jax.random.key(0),
+                                                                                        batch)[0])
     assert out.shape == batch.shape
-    assert nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=nnx.Rngs(0))(batch).shape == batch.shape
+    assert nnx.eval_shape(lambda: nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=nnx.Rngs(0))(batch)
+                          ).shape == batch.shape
     fn = haiku_attention()
-    assert fn.apply(fn.init(jax.random.key(0), batch), None, batch).shape == batch.shape
-    attention = eqx.nn.MultiheadAttention(HEADS, WIDTH, key=jax.random.key(0))
-    assert attention(batch[0], batch[0], batch[0]).shape == (SEQ, WIDTH)
-    assert jax.vmap(lambda x: attention(x, x, x))(batch).shape == batch.shape
+    assert jax.eval_shape(lambda: fn.apply(fn.init(jax.random.key(0), batch), None, batch)).shape == batch.shape
+    attention = eqx.filter_eval_shape(lambda: eqx.nn.MultiheadAttention(HEADS, WIDTH, key=jax.random.key(0)))
+    one = eqx.filter_eval_shape(lambda a, x: a(x, x, x), attention, batch[0])
+    assert one.shape == (SEQ, WIDTH)
+    assert eqx.filter_eval_shape(lambda a: jax.vmap(lambda x: a(x, x, x))(batch), attention).shape == batch.shape
     with pytest.raises(ValueError, match="unpack"):  # (batch, seq, features) is not (seq, features)
-        attention(batch, batch, batch)
+        eqx.filter_eval_shape(lambda a: a(batch, batch, batch), attention)
 
 
 def test_how_the_mask_reaches_the_attention():
     """A mask hiding key position 0: changing that position's input must not change the other
     positions' outputs. Linen, NNX and Haiku take it broadcastable to ``(batch, heads, q, k)``;
-    Equinox per example as ``(q, k)``."""
+    Equinox per example as ``(q, k)``. One compiled program per framework."""
     x = jax.random.normal(jax.random.key(1), (2, SEQ, WIDTH))
     y = x.at[:, 0].add(1.0)
     mask = jnp.ones((SEQ, SEQ), bool).at[:, 0].set(False)
     batch_mask = mask[None, None]
 
     def unchanged(fn):
-        np.testing.assert_allclose(np.asarray(fn(x))[:, 1:], np.asarray(fn(y))[:, 1:], rtol=0, atol=1e-6)
-        assert float(jnp.max(jnp.abs(fn(x)[:, 0] - fn(y)[:, 0]))) > 1e-4  # the query at 0 does change
+        out_x, out_y = (np.asarray(a) for a in jax.jit(lambda a, b: (fn(a), fn(b)))(x, y))
+        np.testing.assert_allclose(out_x[:, 1:], out_y[:, 1:], rtol=0, atol=1e-6)
+        assert float(np.max(np.abs(out_x[:, 0] - out_y[:, 0]))) > 1e-4  # the query at 0 does change
 
     linen = nn.MultiHeadDotProductAttention(HEADS)
-    params = linen.init(jax.random.key(0), x)
+    params = jax.jit(linen.init)(jax.random.key(0), x)
     unchanged(lambda q: jax.vmap(lambda r: linen.apply(params, r[None], r[None], mask=batch_mask)[0])(q))
     attention = nnx.MultiHeadAttention(HEADS, WIDTH, decode=False, rngs=nnx.Rngs(0))
-    unchanged(lambda q: jax.vmap(lambda r: attention(r[None], r[None], mask=batch_mask)[0])(q))
+    graph, state = nnx.split(attention)
+    unchanged(lambda q: jax.vmap(lambda r: nnx.merge(graph, state)(r[None], r[None], mask=batch_mask)[0])(q))
     fn = haiku_attention()
-    hk_params = fn.init(jax.random.key(0), x)
+    hk_params = jax.jit(fn.init)(jax.random.key(0), x)
     unchanged(lambda q: jax.vmap(lambda r: fn.apply(hk_params, None, r[None], batch_mask)[0])(q))
     eqx_attention = eqx.nn.MultiheadAttention(HEADS, WIDTH, key=jax.random.key(0))
     unchanged(lambda q: jax.vmap(lambda r: eqx_attention(r, r, r, mask=mask))(q))
@@ -122,19 +126,24 @@ def test_how_the_dropout_key_reaches_the_attention():
     same = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (1, SEQ, WIDTH)), (4, SEQ, WIDTH))
     rng = jax.random.key(3)
 
-    def linen_outputs(broadcast: bool):
-        layer = nn.MultiHeadDotProductAttention(HEADS, dropout_rate=0.5, broadcast_dropout=broadcast)
-        params = layer.init(jax.random.key(0), same, deterministic=True)
-        return np.asarray(layer.apply(params, same, deterministic=False, dropout_rng=rng))
+    @jax.jit
+    def linen_outputs(x, rng):
+        outs = []
+        for broadcast in (True, False):
+            layer = nn.MultiHeadDotProductAttention(HEADS, dropout_rate=0.5, broadcast_dropout=broadcast)
+            params = layer.init(jax.random.key(0), x, deterministic=True)
+            outs.append(layer.apply(params, x, deterministic=False, dropout_rng=rng))
+        return outs
 
-    shared = linen_outputs(True)
+    shared, separate = (np.asarray(o) for o in linen_outputs(same, rng))
     np.testing.assert_array_equal(shared[0], shared[1])  # one mask for every example
-    assert np.max(np.abs(linen_outputs(False)[0] - linen_outputs(False)[1])) > 1e-3
+    assert np.max(np.abs(separate[0] - separate[1])) > 1e-3
     assert registry.MODELS[MODEL].rng == "dropout"
     assert "dropout" not in " ".join(hk.MultiHeadAttention.__init__.__code__.co_varnames)
     attention = eqx.nn.MultiheadAttention(HEADS, WIDTH, dropout_p=0.5, key=jax.random.key(0))
     keys = jax.random.split(rng, 4)
-    per_example = np.asarray(jax.vmap(lambda x, k: attention(x, x, x, key=k))(same, keys))
+    per_example = np.asarray(jax.jit(lambda xs, ks: jax.vmap(lambda x, k: attention(x, x, x, key=k))(xs, ks))(
+        same, keys))
     assert np.max(np.abs(per_example[0] - per_example[1])) > 1e-3
     assert attention.dropout.p == 0.5 and not attention.dropout.inference
 
@@ -156,7 +165,8 @@ def test_gelu_defaults_to_the_tanh_approximation():
 def test_layernorm_epsilon_and_variance_defaults():
     """Linen and NNX: epsilon 1e-6 and the fast variance ``E[x²] - E[x]²``; Haiku and Equinox:
     1e-5 and the two-pass ``E[(x - E[x])²]``. On features of small variance the epsilons differ
-    visibly; the ViT sets 1e-6 and the two-pass variance everywhere."""
+    visibly, so the ViT asks Haiku and Equinox for 1e-6 (Linen's and NNX's default) and leaves each
+    framework its own variance (the same value, rounded otherwise: ``test_parity.py``)."""
     assert nn.LayerNorm().epsilon == 1e-6 and nn.LayerNorm().use_fast_variance
     layer = nnx.LayerNorm(WIDTH, rngs=nnx.Rngs(0))
     assert layer.epsilon == 1e-6 and layer.use_fast_variance
@@ -169,14 +179,31 @@ def test_layernorm_epsilon_and_variance_defaults():
     eqx_out = eqx.nn.LayerNorm(WIDTH)(x[0])
     assert float(jnp.max(jnp.abs(flax_out - haiku_out))) > 0.05
     np.testing.assert_allclose(np.asarray(haiku_out[0]), np.asarray(eqx_out), rtol=0, atol=1e-5)
-    kwargs = registry.MODELS[MODEL].kwargs((8, 8, 1), 10, {})
-    reference = build("jax").init_params(jax.random.key(0))
-    assert kwargs["width"] == reference["norm"]["scale"].shape[0]
-    for style in ("flax", "nnx", "haiku", "equinox"):
-        text = (ZOO / style / f"{MODEL}.py").read_text()
-        assert text.count("1e-6") >= 3, style  # norm1, norm2 and the final norm
-        if style in ("flax", "nnx"):
-            assert text.count("use_fast_variance=False") >= 3, style
+    # The ViT's own layers: every LayerNorm at 1e-6.
+    kwargs = registry.MODELS[MODEL].kwargs((8, 8, 1), 10, registry.MODELS[MODEL].small)
+    linen_vit = build("flax").module
+    bound = linen_vit.bind(jax.eval_shape(lambda: linen_vit.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), False)))
+    assert {bound.norm.epsilon} | {n.epsilon for b in bound.blocks for n in (b.norm1, b.norm2)} == {1e-6}
+    nnx_vit = nnx.eval_shape(lambda: build("nnx").module(**kwargs, rngs=nnx.Rngs(0)))
+    assert {n.epsilon for _, n in nnx.iter_graph(nnx_vit) if isinstance(n, nnx.LayerNorm)} == {1e-6}
+    eqx_vit = eqx.filter_eval_shape(lambda: build("equinox").module(**{**kwargs, "in_shape": (1, 8, 8)},
+                                                                   key=jax.random.key(0)))
+    norms = [leaf for leaf in jax.tree.leaves(eqx_vit, is_leaf=lambda x: isinstance(x, eqx.nn.LayerNorm))
+             if isinstance(leaf, eqx.nn.LayerNorm)]
+    assert norms and {n.eps for n in norms} == {1e-6}
+    seen = []
+    original = hk.LayerNorm.__call__
+
+    def spy(self, *args, **kw):
+        seen.append(self.eps)
+        return original(self, *args, **kw)
+
+    hk.LayerNorm.__call__ = spy
+    try:
+        jax.eval_shape(lambda k: build("haiku").init(k), jax.random.key(0))  # a fresh trace
+    finally:
+        hk.LayerNorm.__call__ = original
+    assert seen and set(seen) == {1e-6}
 
 
 def wrong_head_split(rules: dict) -> dict:
@@ -194,7 +221,7 @@ def wrong_head_split(rules: dict) -> dict:
     return out
 
 
-_DEFAULTS = registry.MODELS[MODEL].defaults
+_DEFAULTS = registry.MODELS[MODEL].resolve(registry.MODELS[MODEL].small)
 WIDTH_DEFAULT, HEADS_DEFAULT = _DEFAULTS["width"], _DEFAULTS["num_heads"]
 HEAD_DIM_DEFAULT = WIDTH_DEFAULT // HEADS_DEFAULT
 
@@ -202,30 +229,40 @@ HEAD_DIM_DEFAULT = WIDTH_DEFAULT // HEADS_DEFAULT
 def test_a_wrong_head_split_is_caught():
     images = jax.random.uniform(jax.random.key(5), (8, 8, 8, 1))
     reference = build("jax")
-    canonical = reference.init_params(jax.random.key(6))
-    expected = np.asarray(reference.apply(canonical, {}, images, None, jax.random.key(0), False)[0])
+    canonical = harness.start(MODEL)[0]
+    expected = np.asarray(jax.jit(reference.apply, static_argnums=5)(canonical, {}, images, None, None, False)[0])
     net = build("haiku")
     template = jax.eval_shape(net.init_params, jax.random.key(0))
-    rules = registry._vit_rules("haiku", (8, 8, 1), registry.MODELS[MODEL].resolve({}))
-    right = net.apply(Converter("haiku", template, rules).from_canonical(canonical), {}, images, None, jax.random.key(0), False)[0]
+    rules = registry._vit_rules("haiku", (8, 8, 1), net.hparams)
+    evaluate = jax.jit(net.apply, static_argnums=5)
+    right = evaluate(Converter("haiku", template, rules).from_canonical(canonical), {}, images, None, None, False)[0]
     np.testing.assert_allclose(np.asarray(right), expected, rtol=0, atol=1e-5)
     wrong = Converter("haiku", template, wrong_head_split(rules)).from_canonical(canonical)
-    assert np.max(np.abs(np.asarray(net.apply(wrong, {}, images, None, jax.random.key(0), False)[0]) - expected)) > 1e-3
+    assert np.max(np.abs(np.asarray(evaluate(wrong, {}, images, None, None, False)[0]) - expected)) > 1e-3
 
 
 def test_nnx_default_attention_loses_float64():
     """Without attention-weight dropout, ``nnx.MultiHeadAttention``'s default ``attention_fn`` hands
     over to ``jax.nn.dot_product_attention``, which scales after the product and takes the softmax
     in float32 even under x64: in float64 it is ~1e-7 off Linen's attention from the same
-    parameters. The ViT passes Linen's formula instead (``zoo/nnx/vit.py``'s ``attention``)."""
+    parameters. The adapter's float64 runs give it Flax's own formula (``styles.float64_attention``),
+    which agrees with Linen's to float64 rounding."""
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(7), (2, SEQ, WIDTH), jnp.float64)
         kwargs = dict(decode=False, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
         default = nnx.MultiHeadAttention(HEADS, WIDTH, **kwargs)
-        linens = nnx.MultiHeadAttention(HEADS, WIDTH, attention_fn=zoo_nnx_vit.attention, **kwargs)
+        flax_formula = nnx.MultiHeadAttention(HEADS, WIDTH, attention_fn=styles_lib.float64_attention, **kwargs)
         params = nnx.to_pure_dict(nnx.state(default, nnx.Param))
-        nnx.update(linens, nnx.state(default, nnx.Param))
+        nnx.update(flax_formula, nnx.state(default, nnx.Param))
         expected = nn.MultiHeadDotProductAttention(HEADS, param_dtype=jnp.float64).apply({"params": params}, x)
         assert expected.dtype == jnp.float64
-        np.testing.assert_allclose(np.asarray(linens(x)), np.asarray(expected), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(flax_formula(x)), np.asarray(expected), rtol=0, atol=1e-14)
         assert float(jnp.max(jnp.abs(default(x) - expected))) > 1e-9
+        net = harness.build(MODEL, "nnx", "float64")
+        model = net.as_module(*jax.eval_shape(net.init, jax.random.key(0)), False)
+        assert {a.attention_fn for _, a in nnx.iter_graph(model) if isinstance(a, nnx.MultiHeadAttention)} == {
+            styles_lib.float64_attention}
+    net = build("nnx")
+    model = net.as_module(*jax.eval_shape(lambda k: net.init(k), jax.random.key(0)), False)
+    assert {a.attention_fn for _, a in nnx.iter_graph(model) if isinstance(a, nnx.MultiHeadAttention)} == {
+        nnx.dot_product_attention}

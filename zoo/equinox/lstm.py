@@ -9,6 +9,7 @@ logit per class. Acts on a single example: ``jax.vmap`` it over a batch.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 
 class LSTM(eqx.Module):
@@ -24,16 +25,16 @@ class LSTM(eqx.Module):
         key: jax.Array,
     ) -> None:
         k1, k2 = jax.random.split(key)
-        # eqx.nn.LSTMCell follows PyTorch: weight_ih (4 * hidden, in),
-        # weight_hh (4 * hidden, hidden) and one bias (4 * hidden,), gates in
-        # the order i, f, g, o, all initialised uniformly in +-1/sqrt(hidden).
-        # It is one step: the scan over the rows is ours.
+        # eqx.nn.LSTMCell holds weight_ih (4 * hidden, in), weight_hh
+        # (4 * hidden, hidden) and one bias (4 * hidden,), gates in the order
+        # i, f, g, o, all drawn uniformly in +-1/sqrt(hidden). It is one step:
+        # the scan over the rows is ours.
         self.lstm = eqx.nn.LSTMCell(in_features, hidden, key=k1)
         self.head = eqx.nn.Linear(hidden, num_classes, key=k2)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Float[Array, "height width channels"]) -> Float[Array, " num_classes"]:
         x = x.reshape((x.shape[0], -1))  # (height, width * channels)
-        # The carry is (h, c), the reverse of Flax's (c, h).
+        # The carry is (h, c).
         zeros = jnp.zeros((self.lstm.hidden_size,), x.dtype)
         (h, _), _ = jax.lax.scan(lambda carry, row: (self.lstm(row, carry), None), (zeros, zeros), x)
         return self.head(h)

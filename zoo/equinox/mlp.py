@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import equinox as eqx
 import jax
+from jaxtyping import Array, Float
 
 
 class MLP(eqx.Module):
@@ -24,14 +25,14 @@ class MLP(eqx.Module):
     ) -> None:
         sizes = [in_features, *hidden_sizes, num_classes]
         keys = jax.random.split(key, len(sizes) - 1)
-        # Equinox stores weights as (out, in), and initialises weights and
-        # biases uniformly in +-1/sqrt(in), as PyTorch does.
+        # eqx.nn.Linear stores its weight as (out, in), and draws weight and
+        # bias uniformly in +-1/sqrt(in).
         self.layers = [
             eqx.nn.Linear(n_in, n_out, key=k)
             for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
         ]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: Float[Array, "height width channels"]) -> Float[Array, " num_classes"]:
         x = x.ravel()
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 
 class ResidualBlock(eqx.Module):
@@ -49,7 +50,9 @@ class ResidualBlock(eqx.Module):
             self.proj = None
             self.proj_bn = None
 
-    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+    def __call__(
+        self, x: Float[Array, "channels height width"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "features out_height out_width"], eqx.nn.State]:
         y, state = self.bn1(self.conv1(x), state)
         y = jax.nn.relu(y)
         y, state = self.bn2(self.conv2(y), state)
@@ -79,12 +82,10 @@ class ResNet(eqx.Module):
         key: jax.Array,
     ) -> None:
         keys = jax.random.split(key, sum(stage_sizes) + 2)
-        # Equinox images are CHW and kernels OIHW, and Conv2d does not pad
-        # unless asked. BatchNorm in mode "batch" averages over the vmapped
-        # axis "batch" and keeps zero-debiased running statistics: hidden mean
-        # 0 and variance 1, both divided by 1 - momentum ** count in eval
-        # mode, so the variance starts out too large. Its batch variance is
-        # E[(x - E[x])^2], clamped at 0.
+        # Images are CHW and kernels OIHW, and Conv2d does not pad unless
+        # asked. BatchNorm in mode "batch" averages over the vmapped axis
+        # "batch" and keeps zero-debiased running statistics: hidden mean 0 and
+        # variance 1, both divided by 1 - momentum ** count in eval mode.
         self.stem = eqx.nn.Conv2d(in_channels, width, kernel_size=3, padding="SAME", use_bias=False, key=keys[0])
         self.stem_bn = eqx.nn.BatchNorm(width, axis_name="batch", mode="batch", momentum=momentum, eps=1e-5)
         blocks = []
@@ -100,8 +101,8 @@ class ResNet(eqx.Module):
         self.head = eqx.nn.Linear(in_features, num_classes, key=keys[-1])
 
     def __call__(
-        self, x: jax.Array, state: eqx.nn.State, *, key: jax.Array | None = None
-    ) -> tuple[jax.Array, eqx.nn.State]:
+        self, x: Float[Array, "channels height width"], state: eqx.nn.State, *, key: jax.Array | None = None
+    ) -> tuple[Float[Array, " num_classes"], eqx.nn.State]:
         x, state = self.stem_bn(self.stem(x), state)
         x = jax.nn.relu(x)
         for block in self.blocks:

@@ -5,14 +5,15 @@ embeds each in ``width`` features; a learned class token is prepended and
 learned position embeddings added, then dropout. ``depth`` pre-LayerNorm
 encoder blocks follow: ``x + dropout(attn(norm1(x)))``, then ``x +
 dropout(mlp2(dropout(gelu(mlp1(norm2(x))))))``. A final LayerNorm, the class
-token, and a dense head. Acts on a single CHW example: ``jax.vmap`` it over a
-batch, with one key per example, and select eval mode with
-``eqx.nn.inference_mode``.
+token, and a dense head. Acts on a single CHW example, ``in_shape`` being
+``(channels, height, width)``: ``jax.vmap`` it over a batch, with one key per
+example in training, and select eval mode with ``eqx.nn.inference_mode``.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 
 class EncoderBlock(eqx.Module):
@@ -33,14 +34,9 @@ class EncoderBlock(eqx.Module):
         key: jax.Array,
     ) -> None:
         k1, k2, k3 = jax.random.split(key, 3)
-        # eqx.nn.LayerNorm's eps defaults to 1e-5, where Flax's is 1e-6. It
-        # normalises one token: jax.vmap it over the sequence.
+        # LayerNorm normalises one token: jax.vmap it over the sequence.
         self.norm1 = eqx.nn.LayerNorm(width, eps=1e-6)
-        # No dropout on the attention weights (dropout_p=0.0, ViT's default;
-        # Equinox would draw one mask per head): dropout acts on the embeddings,
-        # on this sublayer's output and twice in the MLP, as in the ViT paper's
-        # Flax code. Equinox's attention has no biases unless asked, and acts on
-        # one sequence.
+        # MultiheadAttention acts on one sequence, and has no biases unless asked.
         self.attn = eqx.nn.MultiheadAttention(num_heads, width, use_query_bias=True, use_key_bias=True,
                                               use_value_bias=True, use_output_bias=True, key=k1)
         self.norm2 = eqx.nn.LayerNorm(width, eps=1e-6)
@@ -48,7 +44,9 @@ class EncoderBlock(eqx.Module):
         self.mlp2 = eqx.nn.Linear(mlp_dim, width, key=k3)
         self.dropout = eqx.nn.Dropout(dropout_rate)
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: Float[Array, "tokens width"], *, key: jax.Array | None = None
+    ) -> Float[Array, "tokens width"]:
         # In train mode the key splits in three: the attention's output, the MLP's hidden layer, its output.
         k1, k2, k3 = (None,) * 3 if key is None else jax.random.split(key, 3)
         y = jax.vmap(self.norm1)(x)
@@ -82,10 +80,10 @@ class ViT(eqx.Module):
         *,
         key: jax.Array,
     ) -> None:
-        height, image_width, channels = in_shape
+        channels, height, image_width = in_shape
         num_patches = (height // patch_size) * (image_width // patch_size)
         keys = jax.random.split(key, depth + 4)
-        # Equinox images are CHW and kernels OIHW.
+        # Images are CHW and kernels OIHW.
         self.embed = eqx.nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size, padding="VALID",
                                    key=keys[0])
         # One example's class token and position embeddings: no batch axis.
@@ -96,12 +94,14 @@ class ViT(eqx.Module):
         self.norm = eqx.nn.LayerNorm(width, eps=1e-6)
         self.head = eqx.nn.Linear(width, num_classes, key=keys[-1])
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: Float[Array, "channels height width"], *, key: jax.Array | None = None
+    ) -> Float[Array, " num_classes"]:
         # Split in depth + 1: the embeddings' dropout, then one per block.
         keys = [None] * (len(self.blocks) + 1) if key is None else jax.random.split(key, len(self.blocks) + 1)
         x = self.embed(x)
         width, h, w = x.shape
-        x = x.reshape((width, h * w)).T  # patches in row-major order, as in HWC
+        x = x.reshape((width, h * w)).T  # (patches, width), patches in row-major order
         x = jnp.concatenate([self.cls, x], axis=0)
         x = self.dropout(x + self.pos_embedding, key=keys[0])
         for block, block_key in zip(self.blocks, keys[1:]):

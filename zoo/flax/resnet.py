@@ -6,10 +6,12 @@ second and third stages has stride 2), then global average pooling, dropout
 and a dense head. A block is ``conv 3x3 -> BN -> ReLU -> conv 3x3 -> BN`` plus
 the shortcut, then ReLU; the shortcut is the input, or a 1x1 conv and BN where
 the shape changes. The running statistics live in the ``batch_stats``
-collection: apply with ``mutable=["batch_stats"]`` in train mode.
+collection: in train mode apply with ``mutable=["batch_stats"]`` and
+``rngs={"dropout": key}``.
 """
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -26,19 +28,16 @@ class ResidualBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.conv1 = nn.Conv(self.features, kernel_size=(3, 3), strides=self.strides, padding="SAME",
-                             use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.bn1 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
-                                dtype=self.dtype, param_dtype=self.param_dtype)
-        self.conv2 = nn.Conv(self.features, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-        self.bn2 = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
-                                dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = partial(nn.Conv, padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = partial(nn.BatchNorm, momentum=self.momentum, epsilon=1e-5, dtype=self.dtype,
+                       param_dtype=self.param_dtype)
+        self.conv1 = conv(self.features, kernel_size=(3, 3), strides=self.strides)
+        self.bn1 = norm()
+        self.conv2 = conv(self.features, kernel_size=(3, 3))
+        self.bn2 = norm()
         if self.strides != 1 or self.in_features != self.features:
-            self.proj = nn.Conv(self.features, kernel_size=(1, 1), strides=self.strides, padding="SAME",
-                                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-            self.proj_bn = nn.BatchNorm(momentum=self.momentum, epsilon=1e-5,
-                                        dtype=self.dtype, param_dtype=self.param_dtype)
+            self.proj = conv(self.features, kernel_size=(1, 1), strides=self.strides)
+            self.proj_bn = norm()
         else:
             self.proj = None
             self.proj_bn = None
@@ -82,16 +81,10 @@ class ResNet(nn.Module):
         self.dropout = nn.Dropout(self.dropout_rate)
         self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def __call__(self, x: jax.Array, train: bool, dropout_rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
         for block in self.blocks:
             x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        if train:
-            # The key comes in as an argument: self.make_rng("dropout") would
-            # fold a hash of this module's path into it, which no other
-            # framework can reproduce. One mask per example, each from its own
-            # key, as Equinox draws them under jax.vmap.
-            keys = jax.random.split(dropout_rng, x.shape[0])
-            x = jax.vmap(lambda f, k: self.dropout(f, deterministic=False, rng=k))(x, keys)
+        x = self.dropout(x, deterministic=not train)
         return self.head(x)

@@ -44,12 +44,10 @@ class Decoder(nn.Module):
         return self.fc2(h)
 
 
-def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    # One draw per example, each from its own key, as the Equinox model, which
-    # sees one example at a time under jax.vmap, draws it.
-    keys = jax.random.split(key, mean.shape[0])
-    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, mean)
-    return mean + jnp.exp(0.5 * logvar) * eps
+def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    std = jnp.exp(0.5 * logvar)
+    eps = jax.random.normal(rng, logvar.shape, logvar.dtype)
+    return mean + eps * std
 
 
 class VAE(nn.Module):
@@ -67,9 +65,6 @@ class VAE(nn.Module):
     def __call__(
         self, x: jax.Array, labels: jax.Array, z_rng: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # The key comes in as an argument, as in Flax's own VAE example.
-        # self.make_rng("noise") would instead fold this module's path into
-        # the key, and so draw different noise from the other styles.
         y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = self.encoder(x.reshape((x.shape[0], -1)), y)
         z = reparameterize(z_rng, mean, logvar)

@@ -28,16 +28,16 @@ class ResidualBlock(hk.Module):
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
+        bn_config = {"create_scale": True, "create_offset": True, "decay_rate": momentum, "eps": 1e-5}
         self.conv1 = hk.Conv2D(features, kernel_shape=3, stride=strides, padding="SAME", with_bias=False,
                                name="conv1")
-        self.bn1 = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=momentum, eps=1e-5, name="bn1")
+        self.bn1 = hk.BatchNorm(**bn_config, name="bn1")
         self.conv2 = hk.Conv2D(features, kernel_shape=3, padding="SAME", with_bias=False, name="conv2")
-        self.bn2 = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=momentum, eps=1e-5, name="bn2")
+        self.bn2 = hk.BatchNorm(**bn_config, name="bn2")
         if strides != 1 or in_features != features:
             self.proj = hk.Conv2D(features, kernel_shape=1, stride=strides, padding="SAME", with_bias=False,
                                   name="proj")
-            self.proj_bn = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=momentum, eps=1e-5,
-                                        name="proj_bn")
+            self.proj_bn = hk.BatchNorm(**bn_config, name="proj_bn")
         else:
             self.proj = None
             self.proj_bn = None
@@ -65,10 +65,8 @@ class ResNet(hk.Module):
         super().__init__(name=name)
         # Images are NHWC and kernels HWIO. hk.BatchNorm keeps its scale,
         # offset and statistics with shape (1, 1, 1, C), and its running
-        # averages are zero-debiased EMAs: the hidden values start at 0 and
-        # eval mode divides them by 1 - momentum ** count, unlike Flax's
-        # running mean 0 and variance 1. Its batch variance is E[x^2] - E[x]^2
-        # without Flax's clamp at 0.
+        # averages are zero-debiased: they start at 0, and eval mode divides
+        # them by 1 - momentum ** count.
         self.stem = hk.Conv2D(width, kernel_shape=3, padding="SAME", with_bias=False, name="stem")
         self.stem_bn = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=momentum, eps=1e-5,
                                     name="stem_bn")
@@ -81,7 +79,7 @@ class ResNet(hk.Module):
                 blocks.append(ResidualBlock(in_features, features, strides, momentum, name=f"blocks_{len(blocks)}"))
                 in_features = features
         self.blocks = blocks
-        self.dropout_rate = dropout_rate  # Haiku's dropout is a function, hk.dropout, not a module
+        self.dropout_rate = dropout_rate  # hk.dropout is a function, not a module
         self.head = hk.Linear(num_classes, name="head")
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
@@ -90,8 +88,5 @@ class ResNet(hk.Module):
             x = block(x, is_training)
         x = jnp.mean(x, axis=(1, 2))
         if is_training:
-            # One mask per example, each from its own key, as Equinox draws
-            # them under jax.vmap.
-            keys = jax.random.split(hk.next_rng_key(), x.shape[0])
-            x = jax.vmap(lambda k, f: hk.dropout(k, self.dropout_rate, f))(keys, x)
+            x = hk.dropout(hk.next_rng_key(), self.dropout_rate, x)
         return self.head(x)

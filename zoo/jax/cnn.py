@@ -1,4 +1,4 @@
-"""A small convolutional classifier in plain JAX: the CNN of Flax's MNIST example.
+"""A small convolutional classifier in plain JAX: the CNN of the classic MNIST examples.
 
 ``conv 32 (3x3) -> ReLU -> avg pool 2x2 -> conv 64 (3x3) -> ReLU -> avg pool 2x2
 -> flatten -> dense 256 -> ReLU -> dense num_classes``. Convolutions pad SAME,
@@ -14,7 +14,7 @@ Params = dict[str, dict[str, jax.Array]]
 
 
 def init(key: jax.Array, in_shape: tuple[int, int, int], num_classes: int = 10) -> Params:
-    """LeCun-normal kernels and zero biases, the same defaults as Flax."""
+    """LeCun-normal kernels and zero biases."""
     height, width, channels = in_shape
     k1, k2, k3, k4 = jax.random.split(key, 4)
     kernel_init = jax.nn.initializers.lecun_normal()

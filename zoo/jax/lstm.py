@@ -3,8 +3,7 @@
 Each image ``(height, width, channels)`` is a sequence of ``height`` rows of
 ``width * channels`` features. One LSTM layer, started from a zero carry, runs
 over the rows, and its last hidden state goes to a dense head that returns one
-logit per class. The cell is Flax's ``LSTMCell`` written out, gate by gate in
-the order i, f, g, o, with the same operations in the same order:
+logit per class. The cell, gate by gate in the order i, f, g, o:
 
     i = sigmoid(x @ W_ii + (h @ W_hi + b_hi))      (likewise f, g with tanh, o)
     c' = f * c + i * g
@@ -25,10 +24,7 @@ GATES = ("i", "f", "g", "o")
 
 
 def init(key: jax.Array, in_features: int, num_classes: int = 10, hidden: int = 128) -> Params:
-    """Flax's LSTMCell defaults: LeCun-normal input kernels, orthogonal recurrent kernels, zero biases.
-
-    The head, like every Flax Dense, has a LeCun-normal kernel and a zero bias.
-    """
+    """LeCun-normal input kernels, orthogonal recurrent kernels, zero biases; a LeCun-normal head."""
     keys = jax.random.split(key, 2 * len(GATES) + 1)
     kernel_init = jax.nn.initializers.lecun_normal()
     recurrent_init = jax.nn.initializers.orthogonal()

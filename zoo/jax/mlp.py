@@ -20,7 +20,7 @@ def init(
     hidden_sizes: Sequence[int] = (128, 128),
     num_classes: int = 10,
 ) -> Params:
-    """LeCun-normal kernels and zero biases, the same defaults as Flax."""
+    """LeCun-normal kernels and zero biases."""
     sizes = [in_features, *hidden_sizes, num_classes]
     keys = jax.random.split(key, len(sizes) - 1)
     kernel_init = jax.nn.initializers.lecun_normal()

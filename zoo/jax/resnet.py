@@ -26,7 +26,7 @@ State = dict[str, dict]
 
 
 def conv_init(key: jax.Array, in_features: int, features: int, size: int = 3) -> dict[str, jax.Array]:
-    """A LeCun-normal kernel and no bias, the same default as Flax."""
+    """A LeCun-normal kernel and no bias."""
     kernel_init = jax.nn.initializers.lecun_normal()
     return {"kernel": kernel_init(key, (size, size, in_features, features), jnp.float32)}
 
@@ -90,16 +90,11 @@ def batch_norm(
     momentum: float,
     epsilon: float = 1e-5,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """BN over ``(N, H, W)`` with the op order of flax.linen.BatchNorm.
-
-    The variance is Flax's fast one, ``E[x^2] - E[x]^2`` clamped at 0.
-    """
+    """BN over ``(N, H, W)``; the batch variance is ``E[x^2] - E[x]^2``, clamped at 0."""
     if train:
-        # x * x before the means, as Flax does: the order in which x is used
-        # sets the order in which its gradients add up.
-        square = jax.lax.square(x)
-        mean, mean_of_squares = jnp.mean(x, axis=(0, 1, 2)), jnp.mean(square, axis=(0, 1, 2))
-        var = jnp.maximum(0.0, mean_of_squares - jax.lax.square(mean))
+        squares = jnp.square(x)
+        mean, mean_of_squares = jnp.mean(x, axis=(0, 1, 2)), jnp.mean(squares, axis=(0, 1, 2))
+        var = jnp.maximum(0.0, mean_of_squares - jnp.square(mean))
         state = {"mean": momentum * state["mean"] + (1 - momentum) * mean,
                  "var": momentum * state["var"] + (1 - momentum) * var}
     else:
@@ -126,14 +121,9 @@ def block_apply(
     return jax.nn.relu(y + shortcut), new_state
 
 
-def per_example_dropout(key: jax.Array, rate: float, x: jax.Array) -> jax.Array:
-    """Zeroes features at ``rate`` and scales the others by ``1 / (1 - rate)``.
-
-    One mask per example, each from its own key split off ``key``: Equinox
-    draws them so under ``jax.vmap``, and every style follows it.
-    """
-    keys = jax.random.split(key, x.shape[0])
-    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+def dropout(key: jax.Array, rate: float, x: jax.Array) -> jax.Array:
+    """Zeroes each entry with probability ``rate`` and scales the others by ``1 / (1 - rate)``."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
@@ -148,8 +138,8 @@ def apply(
 ) -> tuple[jax.Array, State]:
     """Logits ``(batch, num_classes)`` for images ``(batch, height, width, channels)``, and the new state.
 
-    Train mode draws the dropout masks from ``key``; eval mode needs no key
-    and returns ``state`` unchanged.
+    Train mode draws the dropout mask from ``key``; eval mode needs no key and
+    returns ``state`` unchanged.
     """
     new_state = {}
     x, new_state["stem_bn"] = batch_norm(conv(x, params["stem"]), params["stem_bn"], state["stem_bn"], train, momentum)
@@ -158,5 +148,5 @@ def apply(
         x, new_state[f"blocks_{i}"] = block_apply(params[f"blocks_{i}"], state[f"blocks_{i}"], x, train, momentum)
     x = jnp.mean(x, axis=(1, 2))
     if train:
-        x = per_example_dropout(key, dropout_rate, x)
+        x = dropout(key, dropout_rate, x)
     return x @ params["head"]["kernel"] + params["head"]["bias"], new_state

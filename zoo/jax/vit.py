@@ -10,11 +10,7 @@ the canonical layout: ``{"embed": {"kernel" (HWIO), "bias"}, "cls" (1, 1,
 width), "pos_embedding" (1, patches + 1, width), "blocks_0": {"norm1", "attn":
 {"query", "key", "value", "out"}, "norm2", "mlp1", "mlp2"}, ..., "norm",
 "head"}``; the attention's kernels are ``(width, heads, head_dim)`` and ``(heads,
-head_dim, width)``, as Flax's ``DenseGeneral`` keeps them.
-
-Every op follows the order of Flax's layers (``LayerNorm``,
-``dot_product_attention``, ``DenseGeneral``), so that Linen and NNX agree with it
-bitwise.
+head_dim, width)``, each head's slice of a ``(width, width)`` matrix.
 """
 
 import jax
@@ -24,7 +20,7 @@ Params = dict[str, dict]
 
 
 def dense_init(key: jax.Array, n_in: int, n_out: int) -> dict[str, jax.Array]:
-    """LeCun-normal kernel and zero bias, the same defaults as Flax."""
+    """A LeCun-normal kernel and a zero bias."""
     kernel = jax.nn.initializers.lecun_normal()(key, (n_in, n_out), jnp.float32)
     return {"kernel": kernel, "bias": jnp.zeros((n_out,), jnp.float32)}
 
@@ -34,7 +30,7 @@ def norm_init(width: int) -> dict[str, jax.Array]:
 
 
 def attention_init(key: jax.Array, width: int, num_heads: int) -> Params:
-    """Kernels drawn ``(width, width)`` and reshaped to their heads, as Flax's DenseGeneral draws them."""
+    """Kernels drawn ``(width, width)``, then split into heads."""
     heads = (num_heads, width // num_heads)
     layers = [dense_init(k, width, width) for k in jax.random.split(key, 4)]
     params = {name: {"kernel": layer["kernel"].reshape((width, *heads)), "bias": layer["bias"].reshape(heads)}
@@ -76,58 +72,45 @@ def init(
 
 
 def dense(x: jax.Array, layer: dict[str, jax.Array], axes: int = 1) -> jax.Array:
-    """Contracts the last ``axes`` axes of ``x`` with the first of the kernel: the dot_general of Flax's Dense."""
+    """Contracts the last ``axes`` axes of ``x`` with the first ``axes`` of the kernel, then adds the bias."""
     return jnp.tensordot(x, layer["kernel"], axes) + layer["bias"]
 
 
 def layer_norm(x: jax.Array, params: dict[str, jax.Array], epsilon: float = 1e-6) -> jax.Array:
-    """Over the last axis, in the op order of flax.linen.LayerNorm with ``use_fast_variance=False``.
-
-    The variance is ``E[(x - E[x])^2]``, in float32 at least, as Flax takes it;
-    ``x - mean`` is taken twice, as Flax does, because the order in which ``x``
-    is used sets the order in which its gradients add up.
-    """
+    """Over the last axis, with the statistics in float32 at least (bfloat16 inputs are widened)."""
     dtype = x.dtype
     x = x.astype(jnp.promote_types(dtype, jnp.float32))
-    mean = jnp.mean(x, axis=-1)
-    var = jnp.mean(jax.lax.square(x - jnp.expand_dims(mean, -1)), axis=-1)
-    y = x - jnp.expand_dims(mean, -1)
-    mul = jax.lax.rsqrt(jnp.expand_dims(var, -1) + epsilon) * params["scale"]
-    return (y * mul + params["bias"]).astype(dtype)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + epsilon)
+    return (y * params["scale"] + params["bias"]).astype(dtype)
 
 
 def attention(x: jax.Array, params: Params) -> jax.Array:
-    """Multi-head self-attention as flax.linen.dot_product_attention computes it.
-
-    The query is scaled by ``1 / sqrt(head_dim)`` before its product with the
-    keys. No dropout on the attention weights (ViT's default rate is 0).
-    """
+    """Multi-head self-attention: ``softmax(q k^T / sqrt(head_dim)) v`` per head, then the output projection."""
     query, key, value = (dense(x, params[name]) for name in ("query", "key", "value"))
     query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
     weights = jax.nn.softmax(jnp.einsum("...qhd,...khd->...hqk", query, key))
     return dense(jnp.einsum("...hqk,...khd->...qhd", weights, value), params["out"], axes=2)
 
 
-def per_example_dropout(x: jax.Array, keys: jax.Array | None, rate: float) -> jax.Array:
-    """Zeroes features at ``rate`` and scales the others by ``1 / (1 - rate)``; nothing without keys (eval).
-
-    One mask per example, each from its own key (``keys`` holds one per
-    example): Equinox draws them so under ``jax.vmap``, and every style follows it.
-    """
-    if keys is None:
+def dropout(key: jax.Array | None, rate: float, x: jax.Array) -> jax.Array:
+    """Zeroes each entry with probability ``rate`` and scales the others by ``1 / (1 - rate)``; without a key
+    (eval mode), the identity."""
+    if key is None:
         return x
-    keep = jax.vmap(lambda k, f: jax.random.bernoulli(k, 1.0 - rate, f.shape))(keys, x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
-def block_apply(params: Params, x: jax.Array, keys: jax.Array | None, dropout_rate: float) -> jax.Array:
-    # In train mode each example's key splits in three: the attention's output, the MLP's hidden layer, its output.
-    k1, k2, k3 = (None,) * 3 if keys is None else jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys)
+def block_apply(params: Params, x: jax.Array, key: jax.Array | None, dropout_rate: float) -> jax.Array:
+    # In train mode the key splits in three: the attention's output, the MLP's hidden layer, its output.
+    k1, k2, k3 = (None,) * 3 if key is None else jax.random.split(key, 3)
     y = attention(layer_norm(x, params["norm1"]), params["attn"])
-    x = x + per_example_dropout(y, k1, dropout_rate)
+    x = x + dropout(k1, dropout_rate, y)
     y = jax.nn.gelu(dense(layer_norm(x, params["norm2"]), params["mlp1"]), approximate=False)
-    y = dense(per_example_dropout(y, k2, dropout_rate), params["mlp2"])
-    return x + per_example_dropout(y, k3, dropout_rate)
+    y = dense(dropout(k2, dropout_rate, y), params["mlp2"])
+    return x + dropout(k3, dropout_rate, y)
 
 
 def apply(
@@ -141,24 +124,22 @@ def apply(
 ) -> jax.Array:
     """Logits ``(batch, num_classes)`` for images ``(batch, height, width, channels)``.
 
-    Train mode draws the dropout masks from ``key``: one key per example, each
-    split in ``depth + 1`` (the embeddings' dropout, then one per block); eval
-    mode needs no key. The parameters' shapes give the other sizes.
+    Train mode draws the dropout masks from ``key``, split in ``depth + 1``:
+    the embeddings' dropout, then one per block. Eval mode needs no key. The
+    parameters' shapes give the other sizes.
     """
     depth = sum(name.startswith("blocks_") for name in params)
     heads = params["blocks_0"]["attn"]["query"]["kernel"].shape[1] if depth else num_heads
     if heads != num_heads:  # the kernels' shapes give the heads: say so if they disagree
         raise ValueError(f"num_heads={num_heads}, but the attention kernels have {heads} heads")
-    keys = [None] * (depth + 1)
-    if train:
-        keys = jax.vmap(lambda k: jax.random.split(k, depth + 1), out_axes=1)(jax.random.split(key, x.shape[0]))
+    keys = jax.random.split(key, depth + 1) if train else [None] * (depth + 1)
     x = jax.lax.conv_general_dilated(
         x, params["embed"]["kernel"], window_strides=(patch_size, patch_size), padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["embed"]["bias"]
     batch, h, w, width = x.shape
     x = x.reshape((batch, h * w, width))  # patches in row-major order
     x = jnp.concatenate([jnp.broadcast_to(params["cls"], (batch, 1, width)), x], axis=1)
-    x = per_example_dropout(x + params["pos_embedding"], keys[0], dropout_rate)
+    x = dropout(keys[0], dropout_rate, x + params["pos_embedding"])
     for i in range(depth):
         x = block_apply(params[f"blocks_{i}"], x, keys[1 + i], dropout_rate)
     x = layer_norm(x, params["norm"])

@@ -36,7 +36,7 @@ class LSTM(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape((x.shape[0], x.shape[1], -1))  # (batch, height, width * channels)
         # Without an RNG stream nnx.RNN cannot make its own carry: zeros, in
-        # the parameters' dtype as Linen's, and in Flax's order (c, h).
+        # the parameters' dtype, in the cell's order (c, h).
         zeros = jnp.zeros((x.shape[0], self.lstm.cell.hidden_features), self.lstm.cell.param_dtype)
         x = self.lstm(x, initial_carry=(zeros, zeros))  # (batch, height, hidden): h after every row
         return self.head(x[:, -1])

@@ -6,10 +6,12 @@ second and third stages has stride 2), then global average pooling, dropout
 and a dense head. A block is ``conv 3x3 -> BN -> ReLU -> conv 3x3 -> BN`` plus
 the shortcut, then ReLU; the shortcut is the input, or a 1x1 conv and BN where
 the shape changes. The running statistics are ``nnx.BatchStat`` variables:
-switch modes with ``model.train()`` and ``model.eval()``.
+switch modes with ``model.train()`` and ``model.eval()``, and give the dropout
+key as ``model(x, rngs=nnx.Rngs(dropout=key))`` in train mode.
 """
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -29,19 +31,16 @@ class ResidualBlock(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ) -> None:
-        self.conv1 = nnx.Conv(in_features, features, kernel_size=(3, 3), strides=strides, padding="SAME",
-                              use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
-                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv2 = nnx.Conv(features, features, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
-                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        conv = partial(nnx.Conv, padding="SAME", use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = partial(nnx.BatchNorm, momentum=momentum, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+        self.conv1 = conv(in_features, features, kernel_size=(3, 3), strides=strides)
+        self.bn1 = norm(features)
+        self.conv2 = conv(features, features, kernel_size=(3, 3))
+        self.bn2 = norm(features)
         if strides != 1 or in_features != features:
-            self.proj = nnx.Conv(in_features, features, kernel_size=(1, 1), strides=strides, padding="SAME",
-                                 use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.proj_bn = nnx.BatchNorm(features, momentum=momentum, epsilon=1e-5,
-                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.proj = conv(in_features, features, kernel_size=(1, 1), strides=strides)
+            self.proj_bn = norm(features)
         else:
             self.proj = None
             self.proj_bn = None
@@ -82,11 +81,10 @@ class ResNet(nnx.Module):
             for j in range(size):
                 strides = 2 if stage > 0 and j == 0 else 1
                 blocks.append(ResidualBlock(in_features, features, strides, momentum,
-                              dtype, param_dtype, rngs=rngs))
+                                            dtype=dtype, param_dtype=param_dtype, rngs=rngs))
                 in_features = features
         # A list of submodules must be wrapped in nnx.List to be part of the state.
         self.blocks = nnx.List(blocks)
-        # No rngs: the key comes with each call, so the layer holds no RNG state.
         self.dropout = nnx.Dropout(dropout_rate)
         self.head = nnx.Linear(in_features, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -95,10 +93,5 @@ class ResNet(nnx.Module):
         for block in self.blocks:
             x = block(x)
         x = jnp.mean(x, axis=(1, 2))
-        if not self.dropout.deterministic:
-            # One mask per example, each from its own key, as Equinox draws
-            # them under jax.vmap. rngs.dropout() is fold_in(key, n) for the
-            # n-th draw on the stream "dropout".
-            keys = jax.random.split(rngs.dropout(), x.shape[0])
-            x = jax.vmap(lambda f, k: self.dropout(f, rngs=k))(x, keys)
+        x = self.dropout(x, rngs=rngs)
         return self.head(x)

@@ -36,12 +36,10 @@ class Decoder(nnx.Module):
         return self.fc2(h)
 
 
-def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    # One draw per example, each from its own key, as the Equinox model, which
-    # sees one example at a time under jax.vmap, draws it.
-    keys = jax.random.split(key, mean.shape[0])
-    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, mean)
-    return mean + jnp.exp(0.5 * logvar) * eps
+def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    std = jnp.exp(0.5 * logvar)
+    eps = jax.random.normal(rng, logvar.shape, logvar.dtype)
+    return mean + eps * std
 
 
 class VAE(nnx.Module):
@@ -57,14 +55,14 @@ class VAE(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         self.num_classes = num_classes
-        self.encoder = Encoder(num_pixels + num_classes, hidden, latents, dtype, param_dtype, rngs=rngs)
-        self.decoder = Decoder(latents + num_classes, hidden, num_pixels, dtype, param_dtype, rngs=rngs)
+        self.encoder = Encoder(num_pixels + num_classes, hidden, latents, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+        self.decoder = Decoder(latents + num_classes, hidden, num_pixels, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
 
     def __call__(
         self, x: jax.Array, labels: jax.Array, rngs: nnx.Rngs
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        # rngs.noise() hands out jax.random.fold_in(key, n) for the n-th call
-        # on the stream "noise": the first draw uses fold_in(key, 0).
         y = jax.nn.one_hot(labels, self.num_classes, dtype=x.dtype)
         mean, logvar = self.encoder(x.reshape((x.shape[0], -1)), y)
         z = reparameterize(rngs.noise(), mean, logvar)
