@@ -4,8 +4,11 @@ plain `pytest` starts; and where its compile cache lives."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
+
+import pytest
 
 from conftest import _ByModel, _cache_dir, pytest_cmdline_main
 
@@ -57,3 +60,14 @@ def test_a_plain_pytest_starts_a_worker_per_core_and_an_explicit_n_is_kept(monke
     assert (workers(3), workers(0), workers(None, usepdb=True)) == (3, 0, None)
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")  # a worker: it must not start workers itself
     assert workers(None) is None
+
+
+@pytest.mark.parametrize("module", ["flax.linen.module", "flax.nnx", "haiku._src.pool", "equinox._module", "optax",
+                                    "orbax.checkpoint", "jax._src.numpy", "jmp", "shared.styles", "zoo.harness"])
+def test_a_deprecation_in_a_framework_or_in_our_code_fails_the_test(module):
+    """pyproject.toml's filters: a DeprecationWarning attributed to a framework's module (raised in its
+    code) or to ours (a framework warning at our call into it) is an error; no blanket ignore."""
+    with pytest.raises(DeprecationWarning):
+        warnings.warn_explicit("deprecated", DeprecationWarning, "x.py", 1, module=module)
+    config = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert "ignore::DeprecationWarning" not in config

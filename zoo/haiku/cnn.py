@@ -1,4 +1,4 @@
-"""A small convolutional classifier in Haiku: the CNN of Flax's MNIST example.
+"""A small convolutional classifier in Haiku: the CNN of the classic MNIST examples.
 
 ``conv 32 (3x3) -> ReLU -> avg pool 2x2 -> conv 64 (3x3) -> ReLU -> avg pool 2x2
 -> flatten -> dense 256 -> ReLU -> dense num_classes``. Use it inside
@@ -19,9 +19,10 @@ class CNN(hk.Module):
         self.dense2 = hk.Linear(num_classes, name="dense2")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # hk.avg_pool has no default padding: VALID is what the other styles do.
-        x = hk.avg_pool(jax.nn.relu(self.conv1(x)), window_shape=2, strides=2, padding="VALID")
-        x = hk.avg_pool(jax.nn.relu(self.conv2(x)), window_shape=2, strides=2, padding="VALID")
+        # hk.avg_pool takes the window of one example, (height, width, channels), and has no default
+        # padding.
+        x = hk.avg_pool(jax.nn.relu(self.conv1(x)), window_shape=(2, 2, 1), strides=(2, 2, 1), padding="VALID")
+        x = hk.avg_pool(jax.nn.relu(self.conv2(x)), window_shape=(2, 2, 1), strides=(2, 2, 1), padding="VALID")
         x = hk.Flatten()(x)
         x = jax.nn.relu(self.dense1(x))
         return self.dense2(x)
