@@ -108,6 +108,17 @@ def digits(data_dir):
     return data.load("digits", data_dir)
 
 
+@pytest.fixture(autouse=True)
+def _x64_restored():
+    """A float64 run in this process turns on JAX's x64 mode for the whole process (the command line
+    calls jax.config.update, which outlives a ``with jax.enable_x64`` block): put it back after each
+    test, so that no test sees another's precision."""
+    before = jax.config.jax_enable_x64
+    yield
+    if jax.config.jax_enable_x64 != before:
+        jax.config.update("jax_enable_x64", before)
+
+
 # --------------------------------------------------------------------------- the compile report
 #
 # ``pytest --compile-report`` (or ZOO_COMPILE_REPORT=1) lists the tests that compile the most

@@ -48,6 +48,7 @@ rounds; the garbage collector is off while timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import gzip
@@ -1098,6 +1099,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also trace each step's kernels with jax.profiler and report where the time goes: "
                         "convolutions, matrix products, reductions, layout changes, random bits, elementwise")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier bench in --out (and --json)")
     p.set_defaults(handler=run)
 
 
@@ -1106,15 +1108,20 @@ def run(args: argparse.Namespace) -> int:
     out = files.output_dir(args.out, "--out")
     json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "bench.json"
     data_lib.check_dirs(args.dataset, args.data_dir, args.manual_dir)
-    dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
-    models = tuple(dict.fromkeys(args.models)) or NAMES
-    rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
-                 precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
-                 steps=args.steps, seed=args.seed, progress=not args.no_progress, profile=args.profile)
-    table = format_markdown(rows)
-    write_json(json_path, rows)
-    write_text(out / "bench.md", table)
-    plot(rows, out / "bench.png")
+    with contextlib.ExitStack() as claims:
+        claims.enter_context(files.claimed(out, "--out", force=args.force,
+                                           writes=["bench.md", "bench.png"] + ([] if args.json else ["bench.json"])))
+        if args.json:
+            claims.enter_context(files.claimed(json_path, "--json", force=args.force))
+        dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
+        models = tuple(dict.fromkeys(args.models)) or NAMES
+        rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
+                     precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
+                     steps=args.steps, seed=args.seed, progress=not args.no_progress, profile=args.profile)
+        table = format_markdown(rows)
+        write_json(json_path, rows)
+        write_text(out / "bench.md", table)
+        plot(rows, out / "bench.png")
     print(table)
     print(f"wrote {json_path}, {out / 'bench.md'} and {out / 'bench.png'}")
     if args.profile and not any(r["time_by_kind_us"] for r in rows):

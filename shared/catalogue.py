@@ -19,7 +19,6 @@ import shutil
 import site as stdlib_site  # the standard library's, not shared.site
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -329,22 +328,9 @@ def copy_model(model: str, style: str, dest: str | Path, *, force: bool = False)
     check_choice("model", model, NAMES)
     check_choice("style", style, STYLES)
     target = destination(model, dest)
-    if target.exists() and not force:
-        raise ZooError(f"{target} already exists; pass --force to overwrite it")
     files.output_file(target, "DEST")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ZooError(f"cannot create the folder {target.parent}: {error.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(source_path(model, style).read_bytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with files.claimed(target, "DEST", force=force), files.atomic_path(target) as tmp:
+        tmp.write_bytes(source_path(model, style).read_bytes())
     return target
 
 

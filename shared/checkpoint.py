@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import sys
 import zlib
 from importlib.metadata import version
@@ -50,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.utils import TMP_DIR_SUFFIX
 
 from shared import data as data_lib
 from shared import files, registry
@@ -131,8 +131,7 @@ def _describe(array: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- one writer per folder
 
-LOCK_NAME = ".zoo-lock"
-_held: dict[Path, int] = {}  # folders this process holds, with how many callers hold each
+LOCK_NAME = files.LOCK_NAME
 
 
 @contextlib.contextmanager
@@ -140,41 +139,18 @@ def locked(directory: str | Path) -> Iterator[None]:
     """Hold ``directory`` (a checkpoint folder, created if missing) for one writer, this process.
 
     A second process is refused at once with a :class:`ZooError` naming the
-    holder's pid and host. Re-entrant within a process. On several hosts only
-    process 0 takes the lock: the others write into the same folder with it.
-    The lock file is removed on the way out (still holding the lock; a process
-    that opened it meanwhile sees it is gone and tries again), and so is a folder
-    this call created that is empty then: a run refused early leaves nothing
-    behind. A killed run leaves its lock file, which blocks no one.
+    holder's pid and host (see :func:`shared.files.held`). On several hosts only
+    process 0 takes the lock: the others write into the same folder with it. A
+    folder this call created and left empty is removed: a run refused early
+    leaves nothing behind. A killed run leaves its lock file, which blocks no one.
     """
     directory = Path(directory).absolute()
-    if jax.process_index() > 0 or directory in _held:
-        _held[directory] = _held.get(directory, 0) + 1
-        try:
-            yield
-        finally:
-            _held[directory] -= 1
-            if not _held[directory]:
-                del _held[directory]
-        return
-    created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    try:
-        fd = files.acquire_lock(path, wait=False)
-    except files.LockHeld as held:
-        raise ZooError(f"{directory} is in use by another zoo run ({held.holder or 'unknown'}); wait for it to "
-                       "end, or choose another --checkpoint-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    _held[directory] = 1
-    try:
+    if jax.process_index() > 0:
         yield
-    finally:
-        del _held[directory]
-        files.release_lock(path, fd)
-        if created and not any(directory.iterdir()):
-            os.rmdir(directory)
+        return
+    with files.held(directory / LOCK_NAME, f"{directory} is in use by another zoo run ({{holder}}); wait for "
+                                           "it to end, or choose another --checkpoint-dir"):
+        yield
 
 
 # --------------------------------------------------------------------------- orbax
@@ -232,6 +208,25 @@ def steps(directory: str | Path) -> list[int]:
             return sorted(manager.all_steps())
         finally:
             manager.close()
+
+
+def resumable(directory: str | Path) -> bool:
+    """Whether ``--resume`` has a run to continue in ``directory``: True when it holds a complete checkpoint;
+    False, and a new run starts there, when it does not exist yet, is empty or holds only what a run killed
+    before its first save leaves (an unfinished save, a lock file). A folder holding anything else is
+    refused: it is not a zoo checkpoint folder."""
+    directory = Path(directory)
+    if not os.path.lexists(directory):
+        return False
+    files.input_path(directory, "--checkpoint-dir", folder=True)
+    if steps(directory):
+        return True
+    strangers = sorted(p.name for p in directory.iterdir() if p.name != LOCK_NAME and TMP_DIR_SUFFIX not in p.name)
+    if strangers:
+        raise ZooError(f"--checkpoint-dir {directory} holds no zoo checkpoint but {', '.join(strangers[:3])}"
+                       f"{', ...' if len(strangers) > 3 else ''}: nothing to resume there; choose another "
+                       "--checkpoint-dir")
+    return False
 
 
 def resolve(path: str | Path) -> tuple[Path, int]:
@@ -293,6 +288,8 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
     for name, value in meta["hparams"].items():
         if name not in flags:
             return f"a hyperparameter {str(name)[:40]!r} that {spec.name} does not take"
+        if value is None and flags[name].default is None:
+            continue  # left to the model, as its default is (the ViT's patch size follows the image size)
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         try:  # the command line's own parser: the value must be one the flag would accept
             parsed = flags[name].parse(text)

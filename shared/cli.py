@@ -117,6 +117,7 @@ def build_parser() -> Parser:
     add_data_args(p)
     add_train_args(p)
     p.add_argument("--out", type=path_arg, help="output folder (default: runs/MODEL-STYLE-DATASET)")
+    p.add_argument("--force", action="store_true", help="replace an earlier run's metrics, curves and samples in --out")
     add_checkpoint_args(p)
 
     p = sub.add_parser("compare", help="train one model in every style from the same start and compare")
@@ -127,6 +128,7 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", type=path_arg,
                    help="also write the rows here as JSON (default: runs/compare-MODEL-DATASET.json)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--init-from", type=path_arg, metavar="CHECKPOINT",
                    help="start every style from these trained parameters (a checkpoint of any style)")
     p.add_argument("--no-noise-floor", action="store_true",
@@ -245,15 +247,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None and not args.checkpoint_dir:
             raise ZooError(f"--{name.replace('_', '-')} needs --checkpoint-dir DIR")
     if args.checkpoint_dir:
-        if args.resume:
-            files.input_path(args.checkpoint_dir, "--checkpoint-dir", folder=True)
         files.output_dir(args.checkpoint_dir, "--checkpoint-dir")
-    # One writer per checkpoint folder, from before its checkpoint is read to the end of the run.
-    with checkpoint.locked(args.checkpoint_dir) if args.checkpoint_dir else contextlib.nullcontext():
-        if args.resume:
+    with contextlib.ExitStack() as held:
+        if args.checkpoint_dir:  # one writer per checkpoint folder, from before its checkpoint is read to the end
+            held.enter_context(checkpoint.locked(args.checkpoint_dir))
+        resume = args.resume and checkpoint.resumable(args.checkpoint_dir)
+        if args.resume and not resume:  # a first run of a command that is run again and again (preemption)
+            print(f"nothing to resume in {args.checkpoint_dir} (no complete checkpoint yet): starting a new run")
+        if resume:
             resume_from_checkpoint(args)
         styles.use_precision(args.precision)
         out = check_train_paths(args)
+        if jax.process_index() == 0:  # on several hosts, process 0 writes the outputs
+            writes = ["metrics.json", "curves.png"] + (["samples.png"] if MODELS[args.model].kind == "vae" else [])
+            # A resumed run's outputs are the whole run's: they replace the interrupted one's, unasked.
+            held.enter_context(files.claimed(out, "--out", force=args.force or resume, writes=writes))
         config = config_from(args)
         config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
         config.validate()
@@ -261,7 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
         model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
                              precision=args.precision, **hparams)
-        if args.resume and checkpoint.already_complete(args.checkpoint_dir, model, dataset, config):
+        if resume and checkpoint.already_complete(args.checkpoint_dir, model, dataset, config):
             epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
             print(f"nothing to train: the newest checkpoint in {args.checkpoint_dir} already completes "
                   f"the {epochs} of this run; give a larger --epochs to train further")
@@ -270,23 +278,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                  if args.init_from else (None, None, 0))
         if args.checkpoint_dir:
             result = checkpoint.train(model, dataset, config, args.checkpoint_dir, save_every=args.save_every,
-                                      keep=args.keep or checkpoint.DEFAULT_KEEP, resume=args.resume,
+                                      keep=args.keep or checkpoint.DEFAULT_KEEP, resume=resume,
                                       init_params=init_params, init_state=init_state,
                                       init_updates=init_updates, out_dir=out, progress=not args.no_progress)
         else:
             result = train.train(model, dataset, config, init_params=init_params, init_state=init_state,
                                  out_dir=out, progress=not args.no_progress)
         saved = checkpoint.steps(args.checkpoint_dir) if args.checkpoint_dir else []  # every process: Orbax syncs
-    if jax.process_index() > 0:
-        return 0  # on several hosts, process 0 writes the outputs and reports
-    final = result.final
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
-    timing = f"{result.step_ms:.2f} ms/step (median)" if result.step_ms is not None else "no step timed"
-    print(f"{args.model}/{args.style} on {args.dataset}: {summary}; {timing}")
-    if model.kind == "vae":
-        # Host copies: on several hosts a computation on the global arrays would need every process.
-        sample.write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
-        print(f"samples: {out / 'samples.png'}")
+        if jax.process_index() > 0:
+            return 0  # on several hosts, process 0 writes the outputs and reports
+        final = result.final
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "lr")
+        timing = f"{result.step_ms:.2f} ms/step (median)" if result.step_ms is not None else "no step timed"
+        print(f"{args.model}/{args.style} on {args.dataset}: {summary}; {timing}")
+        if model.kind == "vae":
+            # Host copies: on several hosts a computation on the global arrays would need every process.
+            sample.write_grid(model, jax.device_get(result.params), out / "samples.png", seed=config.seed)
+            print(f"samples: {out / 'samples.png'}")
     print(f"wrote {out / 'metrics.json'} and {out / 'curves.png'}")
     if args.checkpoint_dir:
         print(f"checkpoints: {args.checkpoint_dir} (steps {', '.join(map(str, saved))})")
@@ -302,17 +310,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         files.input_path(args.init_from, "--init-from")
     data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
     hparams = hparams_from(args)
-    dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
-    init_canonical = init_state = None
-    if args.init_from:
-        init_canonical, init_state, _ = checkpoint.read_canonical(
-            args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams)
-    rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
-                              progress=not args.no_progress, hparams=hparams,
-                              init_canonical=init_canonical, init_canonical_state=init_state,
-                              noise_floor=not args.no_noise_floor)
-    files.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
-                           "config": dataclasses.asdict(config), "rows": rows})
+    with files.claimed(out, "--out", force=args.force):
+        dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+        init_canonical = init_state = None
+        if args.init_from:
+            init_canonical, init_state, _ = checkpoint.read_canonical(
+                args.init_from, args.model, dataset.in_shape, dataset.num_classes, **hparams)
+        rows, _ = compare.compare(args.model, dataset, config, args.styles, precision=args.precision,
+                                  progress=not args.no_progress, hparams=hparams,
+                                  init_canonical=init_canonical, init_canonical_state=init_state,
+                                  noise_floor=not args.no_noise_floor)
+        files.write_json(out, {"model": args.model, "dataset": args.dataset, "precision": args.precision,
+                               "config": dataclasses.asdict(config), "rows": rows})
     if args.json:
         print(files.dumps(rows))
     else:

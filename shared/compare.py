@@ -24,20 +24,25 @@ A model that draws nothing runs once, and that run gives both.
 - ``bitwise``: no difference at all;
 - ``rounding``: not above the **noise floor**, the reference's own drift when
   its start is moved by one ulp (``jnp.nextafter``); or above it but
-  **confirmed in float64**: the reference and the style trained again in
-  float64 from the same start differ by at most :data:`SHRINK` times their
-  float32 difference. Rounding shrinks with the epsilon (2^-52 / 2^-23, about
-  1.9e-9); a difference in the network (an epsilon, a layout, a mask) does
-  not shrink at all. The row then has ``float64_diff``;
+  **confirmed in float64**: over the run's first :data:`CONFIRM_STEPS` steps,
+  the reference and the style trained again in float64 from the same start
+  differ by at most :data:`SHRINK` times their float32 difference after the
+  same steps. Rounding shrinks with the epsilon (2^-52 / 2^-23, about 1.9e-9);
+  a difference in the network (an epsilon, a layout, a mask) shows from the
+  first step and does not shrink at all. The row then has ``float64_diff``;
 - ``DIFFERENT`` otherwise.
 
 A style that only rounds in another order does so at every step, which one
 perturbation of the start does not imitate: such a style often drifts past the
 floor (by 1.2x for Equinox's ViT after 5 epochs, measured), which is why a row
-above it is confirmed and not condemned. In a float64 run, where no higher
-precision is at hand, a style is ``rounding`` within :data:`FLOAT64_MARGIN`
-times the float64 floor: a difference in the network is ~1e9 times float64's
-rounding, and per-step rounding stays within a few floors.
+above it is confirmed and not condemned. The confirmation is over the first
+steps because a long run amplifies even float64's rounding until it saturates
+(the ViT's 1,320 steps: Equinox 4.6e-3 from the reference in float64 against
+0.14 in float32), where after 100 steps it is 1e-11 against 1e-2. In a float64
+run, where no higher precision is at hand, a style is ``rounding`` within
+:data:`FLOAT64_MARGIN` times the float64 floor: a difference in the network
+is ~1e9 times float64's rounding, and per-step rounding stays within a few
+floors.
 """
 
 from __future__ import annotations
@@ -57,12 +62,15 @@ from shared.train import Result, TrainConfig, count_params, max_abs_diff, train,
 
 ROW_KEYS = ("style", "params", "draws", "train_loss", "test_loss", "test_accuracy", "step_ms", "step_ratio",
             "parity_run", "max_param_diff", "max_state_diff", "noise_floor", "noise_floor_state", "float64_diff",
-            "parity")
+            "parity")  # and, where a row was confirmed in float64: confirm_steps, float32_diff_at_confirm
 PARITIES = ("bitwise", "rounding", "DIFFERENT")
 # A float32 difference that is rounding shrinks in float64 by the ratio of the epsilons, ~1.9e-9
 # (measured 1.5e-9 to 3.0e-9: ViT, 5 epochs); this leaves 500 times that, and a difference of
 # the network shrinks by nothing.
 SHRINK = 1e-6
+# The steps the float64 confirmation retrains: enough for float32's rounding to show (1e-2 in the
+# ViT's parameters after 100 steps), too few for float64's to be amplified to the same (1e-11).
+CONFIRM_STEPS = 100
 # float64 runs: per-step rounding measured up to 1.5 times the one-ulp floor (ViT, 5 epochs).
 FLOAT64_MARGIN = 100.0
 
@@ -86,11 +94,30 @@ def _build_all(model_name: str, dataset: data_lib.Dataset, styles: Sequence[str]
 
 
 def _train_all(models: dict[str, styles_lib.Model], dataset: data_lib.Dataset, config: TrainConfig,
-               start: tuple[Any, Any], progress: bool, key_impl: Any = None,
-               styles: Sequence[str] | None = None) -> dict[str, Result]:
+               start: tuple[Any, Any], progress: bool, key_impl: Any = None, stop_after: int | None = None,
+               snapshots: dict[str, tuple] | None = None, snapshot_at: int | None = None) -> dict[str, Result]:
+    """Every model trained from ``start``; ``snapshots[style]`` gets its canonical parameters and state
+    after ``snapshot_at`` steps."""
+    def hook(style):
+        model = models[style]
+
+        def on_step(step, state):
+            if step == snapshot_at and snapshots is not None:
+                snapshots[style] = (model.to_canonical(jax.device_get(state.params)),
+                                    model.state_to_canonical(jax.device_get(state.model_state)))
+        return on_step
     return {style: train(model, dataset, config, init_params=model.from_canonical(start[0]),
-                         init_state=model.state_from_canonical(start[1], 0), progress=progress, key_impl=key_impl)
-            for style, model in models.items() if styles is None or style in styles}
+                         init_state=model.state_from_canonical(start[1], 0), progress=progress, key_impl=key_impl,
+                         stop_after=stop_after, on_step=hook(style))
+            for style, model in models.items()}
+
+
+def _snapshot_diffs(models, snapshots, style) -> list[float | None]:
+    """``[param, state]`` differences of ``style``'s snapshot from the reference's (state None if stateless)."""
+    params, state = snapshots[style]
+    ref_params, ref_state = snapshots["jax"]
+    return [max_abs_diff(params, ref_params),
+            max_abs_diff(state, ref_state) if jax.tree.leaves(ref_state) else None]
 
 
 def _float64(tree: Any) -> Any:
@@ -107,9 +134,11 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
 
     ``max_state_diff`` is the largest difference of the model state (BatchNorm's
     running statistics) from the reference's, in the canonical layout; None
-    for a stateless model. ``noise_floor=False`` skips the one-ulp run and the
-    float64 confirmations: the rows then have ``noise_floor`` None and a
-    ``parity`` of ``bitwise`` or None.
+    for a stateless model. ``noise_floor=False`` skips the one-ulp run, the
+    float64 confirmations and, for a model that draws, the midpoint runs: the
+    rows then have ``noise_floor`` None, a ``parity`` of ``bitwise`` or None,
+    and for a model that draws no differences at all (its styles' own draws
+    differ, so their runs' differences say nothing).
     """
     hparams = hparams or {}
     config.validate()
@@ -121,11 +150,16 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
         init_canonical = start_params if init_canonical is None else init_canonical
         init_canonical_state = start_state if init_canonical_state is None else init_canonical_state
     start = (init_canonical, init_canonical_state)
-    results = _train_all(models, dataset, config, start, progress)
     draws = spec.rng is not None
     key_impl = MIDPOINT if draws else None
-    parity_results = _train_all(models, dataset, config, start, progress, key_impl) if draws else results
-    stateful = _diffs(models, parity_results, "jax")[1] is not None
+    confirm_at = min(CONFIRM_STEPS, len(dataset.train) // config.batch_size * config.epochs)
+    snapshots: dict[str, tuple] = {}  # after confirm_at steps of the parity runs: what float64 confirms
+    results = _train_all(models, dataset, config, start, progress,
+                         snapshots=None if draws else snapshots, snapshot_at=confirm_at)
+    parity_results = results if not draws else (
+        _train_all(models, dataset, config, start, progress, key_impl, snapshots=snapshots,
+                   snapshot_at=confirm_at) if noise_floor else None)
+    stateful = bool(jax.tree.leaves(results["jax"].model_state))
     floor = floor_state = None
     if noise_floor:
         moved = jax.tree.map(lambda x: jnp.nextafter(x, jnp.asarray(jnp.inf, x.dtype)), init_canonical)
@@ -136,7 +170,7 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     rows = []
     for style in styles:
         result = results[style]
-        param_diff, state_diff = _diffs(models, parity_results, style)
+        param_diff, state_diff = _diffs(models, parity_results, style) if parity_results else (None, None)
         row = {
             "style": style,
             "params": count_params(result.params),
@@ -146,7 +180,7 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "test_accuracy": result.final.get("test_accuracy"),
             "step_ms": result.step_ms,
             "step_ratio": result.step_ms / results["jax"].step_ms,
-            "parity_run": "midpoint draws" if draws else "this run",
+            "parity_run": ("midpoint draws" if draws else "this run") if parity_results else None,
             "max_param_diff": param_diff,
             "max_state_diff": state_diff if stateful else None,
             "noise_floor": floor,
@@ -154,7 +188,10 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "float64_diff": None,
         }
         if noise_floor and precision != "float64" and _above_floor(row):
-            row["float64_diff"] = _confirm(model_name, dataset, config, style, start, hparams, key_impl, progress)
+            row["confirm_steps"] = confirm_at
+            row["float32_diff_at_confirm"] = _snapshot_diffs(models, snapshots, style)
+            row["float64_diff"] = _confirm(model_name, dataset, config, style, start, hparams, key_impl, progress,
+                                           confirm_at)
         row["parity"] = parity(row, precision)
         if config.freeze or config.train_only:
             # Largest change of any frozen parameter from the common start: 0.0 means untouched.
@@ -179,18 +216,20 @@ def _above_floor(row: dict) -> bool:
 
 
 def _confirm(model_name: str, dataset: data_lib.Dataset, config: TrainConfig, style: str, start: tuple[Any, Any],
-             hparams: dict, key_impl: Any, progress: bool) -> list[float | None]:
+             hparams: dict, key_impl: Any, progress: bool, steps: int) -> list[float | None]:
     """``[param, state]`` differences of ``style`` from the reference, both trained in float64 from the
-    same start (the state's None for a stateless model)."""
+    same start for ``steps`` steps (the state's None for a stateless model)."""
     with jax.enable_x64(True):
         models = _build_all(model_name, dataset, (style,), "float64", hparams)
         results = _train_all(models, dataset, config, (_float64(start[0]), _float64(start[1])), progress,
-                             key_impl)
+                             key_impl, stop_after=steps)
         return list(_diffs(models, results, style))
 
 
 def parity(row: dict, precision: str = "float32") -> str | None:
     """``bitwise``, ``rounding`` or ``DIFFERENT`` (see the module's docstring); None if unmeasured."""
+    if row["max_param_diff"] is None:
+        return None
     diffs = [row["max_param_diff"]] + ([row["max_state_diff"]] if row["max_state_diff"] is not None else [])
     if all(d == 0 for d in diffs):
         return "bitwise"
@@ -204,7 +243,9 @@ def parity(row: dict, precision: str = "float32") -> str | None:
     confirmed = row.get("float64_diff")
     if confirmed is None:
         return "DIFFERENT"
-    return "rounding" if all(d64 <= SHRINK * d for d, d64 in zip(diffs, confirmed) if d64 is not None) \
+    # The float32 difference after the same steps as the float64 runs (the whole run's when not recorded).
+    float32 = row.get("float32_diff_at_confirm") or diffs
+    return "rounding" if all(d64 <= SHRINK * d for d, d64 in zip(float32, confirmed) if d64 is not None) \
         else "DIFFERENT"
 
 
@@ -219,8 +260,9 @@ def format_table(rows: list[dict], kind: str) -> str:
         headline,
         ("step ms", lambda r: f"{r['step_ms']:.2f}"),
         ("vs jax", lambda r: f"{r['step_ratio']:.2f}x"),
-        ("max |param - jax|", lambda r: f"{r['max_param_diff']:.2e}"),
     ]
+    if rows and rows[0].get("max_param_diff") is not None:
+        columns.append(("max |param - jax|", lambda r: f"{r['max_param_diff']:.2e}"))
     if rows and rows[0].get("max_state_diff") is not None:
         columns.append(("max |state - jax|", lambda r: f"{r['max_state_diff']:.2e}"))
     if rows and rows[0].get("noise_floor") is not None:
@@ -246,9 +288,14 @@ def explain(rows: list[dict]) -> list[str]:
     lines = []
     if rows and rows[0].get("draws") == "own":
         lines.append("each style drew its own dropout masks or noise (the frameworks derive keys differently): "
-                     "losses and accuracy are from those runs; the differences and parity are from a second run "
-                     "of every style in which every draw is the same (shared/draws.py)")
+                     "losses and accuracy are from those runs; " + (
+                         "the differences and parity are from a second run of every style in which every draw "
+                         "is the same (shared/draws.py)" if rows[0].get("parity_run") else
+                         "with --no-noise-floor no second run with the same draws was made, so no differences "
+                         "are reported"))
     if any(r.get("float64_diff") is not None for r in rows):
-        lines.append(f"float64: above the noise floor, the style and plain JAX trained again in float64; rounding "
-                     f"if the difference shrank to {SHRINK:g} of the float32 one or less (params / state)")
+        steps = next(r["confirm_steps"] for r in rows if r.get("float64_diff") is not None)
+        lines.append(f"float64: above the noise floor, the style and plain JAX trained again in float64 for the "
+                     f"first {steps} steps; rounding if their difference is {SHRINK:g} of the float32 one after "
+                     "those steps or less (params / state)")
     return lines

@@ -8,8 +8,9 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,80 @@ def release_lock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
+# --------------------------------------------------------------------------- one writer per output
+
+LOCK_NAME = ".zoo-lock"
+_held: dict[Path, int] = {}  # lock files this process holds, with how many callers hold each
+
+
+@contextlib.contextmanager
+def held(lock: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold the lock file ``lock`` (its folder made if missing) for this process, for as long as the block runs.
+
+    Another zoo process holding it is refused at once with :class:`ZooError` ``busy``, formatted with
+    ``holder`` (its pid and host). Re-entrant within a process. The lock file is removed on the way
+    out, and so are the folders this call made that are empty then: a run refused early leaves nothing
+    behind. A killed run leaves its lock file, which blocks no one (the kernel drops the lock).
+    """
+    lock = Path(lock).absolute()
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+            if not _held[lock]:
+                del _held[lock]
+        return
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = acquire_lock(lock, wait=False)
+    except LockHeld as holder:
+        _remove_empty(made)
+        raise ZooError(busy.format(holder=holder.holder or "unknown")) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[lock] = 1
+    try:
+        yield
+    finally:
+        del _held[lock]
+        release_lock(lock, fd)
+        _remove_empty(made)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def claimed(path: str | os.PathLike, what: str, *, force: bool, writes: Sequence[str] | None = None,
+            lock: Path | None = None) -> Iterator[None]:
+    """Hold the output ``path`` for this run: a file, or with ``writes`` a folder and the names this run
+    writes in it. Refused in one line, before any work, when another zoo run writes there, or when what
+    it would write is there already and ``force`` is not given: nothing already on disk is replaced
+    unless asked. (What is written still goes through :func:`atomic_path`: a run killed mid-write
+    leaves the old content or the new, never half.)"""
+    path = Path(path)
+    targets = [path / name for name in writes] if writes is not None else [path]
+    lock = lock or (path / LOCK_NAME if writes is not None else path.parent / f".{path.name}{LOCK_NAME}")
+    with held(lock, f"{what} {path} is being written by another zoo run ({{holder}}); wait for it to end, "
+                    f"or choose another {what}"):
+        there = [t for t in targets if os.path.lexists(t)]
+        if there and not force:
+            names = ", ".join(t.name for t in there[:3]) + (", ..." if len(there) > 3 else "")
+            where = f"{path} already holds {names}" if writes is not None else f"{path} already exists"
+            raise ZooError(f"{what} {where}; pass --force to replace {'them' if len(there) > 1 else 'it'}, "
+                           f"or choose another {what}")
+        yield
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -213,20 +288,23 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
         yield tmp
         os.chmod(tmp, 0o755)
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if old is not None and not os.path.lexists(path):  # interrupted between the two renames
+            os.replace(old, path)
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def strict(payload: Any) -> Any:

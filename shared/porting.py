@@ -332,14 +332,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", required=True, choices=STYLES)
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--out", type=path_arg, required=True, metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.set_defaults(handler=run_export)
 
 
 def run_import(args: argparse.Namespace) -> int:
     source = files.input_path(args.file, "FILE")
     out = files.output_dir(args.out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise ZooError(f"--out {out} is not empty; give a new or empty folder for the imported checkpoint")
     if len(args.in_shape) != 3:
         raise ZooError(f"--in-shape must be H,W,C, got {','.join(map(str, args.in_shape))}")
     names = None
@@ -352,11 +351,15 @@ def run_import(args: argparse.Namespace) -> int:
                                                 for k, v in names.items())):
             raise ZooError(f"--map {args.map} must be a JSON object of names: {{\"Dense_0\": \"dense1\"}}")
     hparams = registry.given_hparams(args.model, vars(args))
-    imported = import_params(source, args.model, args.style, in_shape=tuple(args.in_shape),
-                             num_classes=args.num_classes, names=names, **hparams)
-    checkpoint.write_imported(out, imported.model, imported.params, imported.state,
-                              {"file": str(source), "format": imported.fmt, "style": args.style,
-                               "mapping": imported.mapping})
+    # The folder is held from here to the end: a second import into it is refused, not raced.
+    with checkpoint.locked(out):
+        if any(p.name != checkpoint.LOCK_NAME for p in out.iterdir()):
+            raise ZooError(f"--out {out} is not empty; give a new or empty folder for the imported checkpoint")
+        imported = import_params(source, args.model, args.style, in_shape=tuple(args.in_shape),
+                                 num_classes=args.num_classes, names=names, **hparams)
+        checkpoint.write_imported(out, imported.model, imported.params, imported.state,
+                                  {"file": str(source), "format": imported.fmt, "style": args.style,
+                                   "mapping": imported.mapping})
     if imported.mapping:
         width = max(map(len, imported.mapping))
         print("module in the file".ljust(width) + "  ->  canonical module (shapes)")
@@ -372,7 +375,8 @@ def run_import(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     out = files.output_file(args.out, "--out", f".{args.format}")
     files.input_path(args.checkpoint, "CHECKPOINT")
-    path = export(args.checkpoint, args.style, args.format, out)
+    with files.claimed(out, "--out", force=args.force):
+        path = export(args.checkpoint, args.style, args.format, out)
     print(f"wrote {path}")
     return 0
 

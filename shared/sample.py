@@ -64,13 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=path_arg, default="samples.png",
                    help="the PNG to write (.png is added to a name without an extension; default: samples.png)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     out = files.output_file(args.out, "--out", ".png")
     files.input_path(args.checkpoint, "--checkpoint")
-    model, params, _ = checkpoint.load_variables(args.checkpoint, args.style, expect_model=args.model)
-    path = write_grid(model, params, out, args.per_class, args.seed)
+    with files.claimed(out, "--out", force=args.force):
+        model, params, _ = checkpoint.load_variables(args.checkpoint, args.style, expect_model=args.model)
+        path = write_grid(model, params, out, args.per_class, args.seed)
     print(f"wrote {path}")
     return 0

@@ -605,8 +605,11 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
     def apply(params, state, images, labels, key, train):
         net = module(_cast(params, compute), train)
         draws = spec.rng is not None and (train or not spec.train_mode)  # eval mode draws nothing
-        out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, equinox_state(state),
-                                       key if draws else None)
+        # In eval, eqx.nn.BatchNorm normalises with the running statistics as they are: cast like the
+        # parameters, or float32 statistics would hand float32 to a bfloat16 layer. (In training it
+        # averages the batch, and its float32 running statistics stay float32.)
+        eqx_state = equinox_state(state) if train else _cast(equinox_state(state), compute)
+        out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, eqx_state, key if draws else None)
         return widen_to_float32(out), flat_state(new_state)
 
     generate = None

@@ -282,7 +282,8 @@ def make_mesh(devices: int | None) -> Mesh:
 def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
           init_params: Any = None, init_state: Any = None, out_dir: str | Path | None = None,
           progress: bool = True, on_step: Callable[[int, TrainState], None] | None = None,
-          start: TrainState | None = None, log: RunLog | None = None, key_impl: Any = None) -> Result:
+          start: TrainState | None = None, log: RunLog | None = None, key_impl: Any = None,
+          stop_after: int | None = None) -> Result:
     """Train ``model`` on ``dataset`` and return the trained parameters and metrics.
 
     ``init_params`` and ``init_state`` are the model's native parameters and
@@ -294,6 +295,8 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     ``log`` (what the run had recorded up to ``start``) continues its metrics.
     ``key_impl`` is the PRNG implementation of the run's keys (default: JAX's;
     :data:`shared.draws.MIDPOINT` makes every draw the same in every style).
+    ``stop_after`` ends the run after that many steps (the schedule is still the
+    whole run's); an epoch cut short is not evaluated.
     """
     config.validate()
     if tuple(dataset.in_shape) != tuple(model.in_shape):
@@ -372,9 +375,15 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
 
     try:
         for epoch in range(first_step // steps_per_epoch, config.epochs):
+            if stop_after is not None and epoch * steps_per_epoch >= stop_after:
+                break
             batches = data_lib.train_batches(dataset.train, config.batch_size, config.seed, epoch)
+            stopped = False
             for index in range(first_step % steps_per_epoch if epoch == first_step // steps_per_epoch else 0,
                                steps_per_epoch):
+                if stop_after is not None and epoch * steps_per_epoch + index >= stop_after:
+                    stopped = True
+                    break
                 batch = jax.device_put(batches[index], batch_sharding)
                 previous = state
                 state, loss, finite = train_step(state, batch)
@@ -386,6 +395,10 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
             if pending is not None:
                 settle(pending)
                 pending = None
+            if stopped:  # within the epoch: no record, and the hook sees the last step
+                if on_step is not None:
+                    on_step(stop_after, state)
+                break
             record = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
                       "lr": float(schedule((epoch + 1) * steps_per_epoch - 1)),
                       "train_loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan")}

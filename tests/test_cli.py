@@ -89,6 +89,7 @@ def test_compare_json_rows(tmp_path):
     assert [r["parity"] for r in rows] == ["bitwise", "rounding"]
     assert rows[0]["max_param_diff"] == 0 < rows[1]["max_param_diff"]
     assert rows[1]["max_param_diff"] <= rows[1]["noise_floor"] or rows[1]["float64_diff"][0] < 1e-12
+    assert rows[1]["max_param_diff"] <= rows[1]["noise_floor"] or rows[1]["confirm_steps"] == 22
     assert all(r["draws"] is None and r["parity_run"] == "this run" for r in rows)  # the MLP draws nothing
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
 
@@ -133,7 +134,7 @@ def test_a_style_beyond_the_noise_floor_is_different_and_fails(monkeypatch, digi
     assert [r["parity"] for r in rows] == ["bitwise", "DIFFERENT"]
     assert rows[1]["max_param_diff"] > rows[1]["noise_floor"] > 0
     # Confirmed in float64, where the difference does not shrink as rounding would.
-    assert rows[1]["float64_diff"][0] > compare.SHRINK * rows[1]["max_param_diff"]
+    assert rows[1]["float64_diff"][0] > compare.SHRINK * rows[1]["float32_diff_at_confirm"][0] > 0
     assert err.strip().splitlines() == [err.strip()]  # one line, the dataset already built
     assert "haiku differ" in err and "noise floor" in err and "float64" in err
     code = main(["compare", "mlp", "--epochs", "1", "--styles", "haiku", "--json", "--no-progress",
@@ -167,7 +168,8 @@ def test_a_style_that_only_rounds_is_confirmed_in_float64_even_above_the_floor(m
     rows = json.loads(capsys.readouterr().out)
     assert code == 0
     assert rows[0]["noise_floor"] == 0 < rows[0]["max_param_diff"]
-    assert rows[0]["float64_diff"][0] <= compare.SHRINK * rows[0]["max_param_diff"]
+    assert rows[0]["confirm_steps"] == 11  # one epoch: the whole run
+    assert rows[0]["float64_diff"][0] <= compare.SHRINK * rows[0]["float32_diff_at_confirm"][0]
     assert rows[0]["parity"] == "rounding"
 
 

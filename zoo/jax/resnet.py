@@ -90,7 +90,10 @@ def batch_norm(
     momentum: float,
     epsilon: float = 1e-5,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """BN over ``(N, H, W)``; the batch variance is ``E[x^2] - E[x]^2``, clamped at 0."""
+    """BN over ``(N, H, W)``; the batch variance is ``E[x^2] - E[x]^2``, clamped at 0. In float32 at least
+    (bfloat16 activations are widened, and the result cast back); the running statistics stay float32."""
+    dtype = x.dtype
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
     if train:
         squares = jnp.square(x)
         mean, mean_of_squares = jnp.mean(x, axis=(0, 1, 2)), jnp.mean(squares, axis=(0, 1, 2))
@@ -100,7 +103,7 @@ def batch_norm(
     else:
         mean, var = state["mean"], state["var"]
     y = (x - mean) * (jax.lax.rsqrt(var + epsilon) * params["scale"]) + params["bias"]
-    return y, state
+    return y.astype(dtype), state
 
 
 def block_apply(
