@@ -108,6 +108,14 @@ def digits(data_dir):
     return data.load("digits", data_dir)
 
 
+@pytest.fixture(scope="session")
+def addition(data_dir):
+    """1-digit addition: a language model's smallest dataset (80 training and 20 test problems)."""
+    from shared import data
+
+    return data.load("addition", data_dir, digits=1)
+
+
 @pytest.fixture(autouse=True)
 def _x64_restored():
     """A float64 run in this process turns on JAX's x64 mode for the whole process (the command line

@@ -62,7 +62,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 
 from shared import data as data_lib
 from shared import files
+from shared import generate as generate_lib
 from shared import styles as styles_lib
 from shared import tasks
 from shared.args import choice_list, path_arg, positive_int, seed
@@ -212,9 +213,7 @@ def _nnx_step(model: Model, params: Any, model_state: Any, optimizer: Any,
 
         def loss_fn(net):
             args = (batch["image"],) + ((batch["label"],) if spec.labels else ())
-            if spec.rng:
-                args += (nnx.Rngs(**{spec.rng: step_key}),)
-            outputs = net(*args)
+            outputs = net(*args, **({"rngs": nnx.Rngs(**{spec.rng: step_key})} if spec.rng else {}))
             return tasks.per_example(model.kind, styles_lib.widen_to_float32(outputs), batch)["loss"].mean()
 
         loss, grads = nnx.value_and_grad(loss_fn)(net)
@@ -688,6 +687,8 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
         "dataset": dataset.name,
         "in_shape": list(dataset.in_shape), "device": where, "load_avg": os.getloadavg()[0],
         "framework": _framework_version(case.style),
+        "tokens_per_s": (case.batch_size * math.prod(dataset.in_shape) / (timing["step_ms"] / 1000)
+                         if dataset.kind == "tokens" else None),
         "extra_macs": case.extra_work[0] if case.extra_work else 0,
         "extra_work": case.extra_work[1] if case.extra_work else None,
         "time_by_kind_us": by_kind,
@@ -696,23 +697,27 @@ def measure_group(cases: Sequence[Case], *, dataset: data_lib.Dataset, data_exam
 
 def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
           batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, precision: str = "float32",
-          dataset: data_lib.Dataset, patterns: Sequence[str] = PATTERNS, rounds: int = 15,
-          steps: int | None = None, seed: int = 0, progress: bool = True, loader_s: float = 0.2,
+          dataset: data_lib.Dataset | Mapping[str, data_lib.Dataset], patterns: Sequence[str] = PATTERNS,
+          rounds: int = 15, steps: int | None = None, seed: int = 0, progress: bool = True, loader_s: float = 0.2,
           hparams: dict[str, dict[str, Any]] | None = None, profile: bool = False) -> list[dict[str, Any]]:
     """Measure every model x style x pattern x batch size; rows with ratios to plain JAX.
 
+    ``dataset``: one for every model, or one per model name (images for some, tokens for others).
     ``profile``: also trace where each step's kernel time goes (:func:`time_by_kind`).
     """
 
     hparams = hparams or {}
-    for size in batch_sizes:
-        if size > len(dataset.train):
-            raise ZooError(f"batch size {size} is larger than the {len(dataset.train)} training "
-                           f"examples of {dataset.name}")
-    loader = {size: loader_throughput(dataset.train, size, seed=seed, min_s=loader_s)
-              for size in dict.fromkeys(batch_sizes)}
-    feed = {size: loader_throughput(dataset.train, size, transfer=True, seed=seed, min_s=loader_s)
-            for size in dict.fromkeys(batch_sizes)}
+    datasets = dataset if isinstance(dataset, Mapping) else {name: dataset for name in models}
+    for name in models:
+        for size in batch_sizes:
+            if size > len(datasets[name].train):
+                raise ZooError(f"batch size {size} is larger than the {len(datasets[name].train)} training "
+                               f"examples of {datasets[name].name}")
+    distinct = {id(d): d for d in datasets.values()}
+    loader = {(key, size): loader_throughput(d.train, size, seed=seed, min_s=loader_s)
+              for key, d in distinct.items() for size in dict.fromkeys(batch_sizes)}
+    feed = {(key, size): loader_throughput(d.train, size, transfer=True, seed=seed, min_s=loader_s)
+            for key, d in distinct.items() for size in dict.fromkeys(batch_sizes)}
     rows: list[dict[str, Any]] = []
     groups = [(m, b) for m in models for b in batch_sizes]
     bar = tqdm(total=len(groups) * rounds, disable=not progress, desc="bench", unit="round", leave=False,
@@ -720,6 +725,7 @@ def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
     try:
         for name, size in groups:
             bar.set_description(f"bench {name} batch {size}")
+            dataset = datasets[name]
             batch = data_lib.train_batches(dataset.train, size, seed, 0)[0]
             settings = dict(in_shape=dataset.in_shape, num_classes=dataset.num_classes, precision=precision,
                             seed=seed, **hparams.get(name, {}))
@@ -727,8 +733,10 @@ def bench(models: Sequence[str] = NAMES, styles: Sequence[str] = STYLES, *,
             # PRNG) are lowered once per process, and the first case timed would pay for them.
             compile_case(make_cases(name, (), batch, patterns=("fast",), **settings)[0])
             cases = make_cases(name, styles, batch, patterns=patterns, **settings)
-            rows += guided_aliases(measure_group(cases, dataset=dataset, data_examples_per_s=loader[size],
-                                                 feed_examples_per_s=feed[size], rounds=rounds, steps=steps,
+            rows += guided_aliases(measure_group(cases, dataset=dataset,
+                                                 data_examples_per_s=loader[id(dataset), size],
+                                                 feed_examples_per_s=feed[id(dataset), size], rounds=rounds,
+                                                 steps=steps,
                                                  seed=seed, on_round=lambda: bar.update(1),
                                                  profile=profile), patterns)
             del cases
@@ -823,6 +831,110 @@ def flops_failures(rows: Sequence[dict[str, Any]]) -> list[str]:
             for r in rows if not r["flops_equal"] and not r.get("flops_note")]
 
 
+# --------------------------------------------------------------------------- a language model's own measures
+
+DEFAULT_CONTEXTS = (64, 256)  # decode: tokens of context, the model's block for the measure
+DEFAULT_DEPTHS = (2, 6, 12)  # compile time of the train step, scanned against unrolled
+
+
+def decode_ms(model: Model, params: Any, context: int, *, cached: bool, repeats: int, seed: int) -> float:
+    """Milliseconds per generated token, one sequence from a one-token prompt to ``context`` tokens
+    (``shared.generate``), median over ``repeats`` runs after a first that compiles."""
+    prompt = np.zeros((1, 1), np.int32)
+    run = generate_lib.generator(model, context - 1, cached=cached)
+    key = jax.random.key(seed)
+    jax.block_until_ready(run(params, prompt, key))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(params, prompt, key))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000 / (context - 1)
+
+
+def lm_measures(name: str, styles: Sequence[str], *, dataset: data_lib.Dataset,
+                contexts: Sequence[int] = DEFAULT_CONTEXTS, depths: Sequence[int] = DEFAULT_DEPTHS,
+                precision: str = "float32", repeats: int = 5, seed: int = 0, hparams: dict[str, Any] | None = None,
+                progress: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """A language model's generation and compile measures, per style.
+
+    ``decode``: milliseconds per token with the key/value cache and without it (each step recomputing
+    the whole prefix), at each context length (the model built with that many positions).
+    ``compile``: seconds to compile the train step (batch 8), at each depth, unrolled and scanned.
+    """
+    hparams = dict(hparams or {})
+    styles = tuple(dict.fromkeys(("jax", *styles)))
+    decode_rows, compile_rows = [], []
+    init_key = jax.random.key(seed)
+    bar = tqdm(total=len(contexts) * len(styles) + 2 * len(depths), disable=not progress, desc=f"bench {name}",
+               leave=False, dynamic_ncols=True)
+    try:
+        for context in contexts:
+            canonical = None
+            for style in styles:
+                bar.set_description(f"bench {name} decode, context {context}, {style}")
+                model = styles_lib.build(name, style, in_shape=(context,), num_classes=dataset.num_classes,
+                                         precision=precision, **hparams)
+                if canonical is None:
+                    canonical = model.to_canonical(model.init(init_key)[0])
+                params = model.from_canonical(canonical)
+                cached = decode_ms(model, params, context, cached=True, repeats=repeats, seed=seed)
+                full = decode_ms(model, params, context, cached=False, repeats=repeats, seed=seed)
+                decode_rows.append({"model": name, "style": style, "context": context, "cached_ms": cached,
+                                    "recompute_ms": full, "speedup": full / cached, "precision": precision})
+                bar.update(1)
+        batch = data_lib.train_batches(dataset.train, min(8, len(dataset.train)), seed, 0)[0]
+        for depth in depths:
+            for scan in (False, True):
+                bar.set_description(f"bench {name} compile, depth {depth}{', scanned' if scan else ''}")
+                cases = make_cases(name, styles, batch, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
+                                   precision=precision, patterns=("fast",), seed=seed,
+                                   **{**hparams, "depth": depth, "scan_layers": scan})
+                for case in cases:
+                    compile_rows.append({"model": name, "style": case.style, "depth": depth, "scan_layers": scan,
+                                         "compile_s": compile_case(case)["compile_s"], "precision": precision})
+                del cases
+                bar.update(1)
+    finally:
+        bar.close()
+    return {"decode": decode_rows, "compile": compile_rows, "device": machine()}
+
+
+def format_lm(measures: dict[str, list[dict[str, Any]]], train_rows: Sequence[dict[str, Any]] = ()) -> str:
+    """The language model's measures as Markdown: training tokens per second, decode, compile."""
+    lines = []
+    lm_rows = [r for r in train_rows if r.get("tokens_per_s") and not r.get("same_as")]
+    if lm_rows:
+        lines += ["Training throughput (the train step above, tokens a second):", "",
+                  "| model | batch | style | pattern | tokens/s | × jax |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch_size']} | {r['style']} | {r['pattern']} | {r['tokens_per_s']:,.0f} "
+                  f"| {1 / r['step_ratio']:.2f} |" for r in lm_rows]
+        lines.append("")
+    decode = measures.get("decode", [])
+    if decode:
+        lines += ["Generation, milliseconds per token, one sequence from a one-token prompt to the context "
+                  "length (the cache's or the model's block), greedy, the whole loop one jitted `lax.scan`:", "",
+                  "| model | context | style | cached ms/token | recomputing ms/token | recompute / cached |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['context']} | {r['style']} | {r['cached_ms']:.3f} | {r['recompute_ms']:.3f} "
+                  f"| {r['speedup']:.1f}× |" for r in decode]
+        lines.append("")
+    compiles = measures.get("compile", [])
+    if compiles:
+        depths = sorted({r["depth"] for r in compiles})
+        lines += ["Compile seconds of the train step (batch 8) by depth, unrolled and scanned (`--scan-layers`):",
+                  "", "| model | style | " + " | ".join(f"depth {d} unrolled | depth {d} scanned" for d in depths)
+                  + " |", "|---|---|" + "---|---|" * len(depths)]
+        for model, style in dict.fromkeys((r["model"], r["style"]) for r in compiles):
+            cells = {(r["depth"], r["scan_layers"]): r["compile_s"] for r in compiles
+                     if (r["model"], r["style"]) == (model, style)}
+            lines.append(f"| {model} | {style} | " + " | ".join(
+                f"{cells.get((d, False), float('nan')):.2f} | {cells.get((d, True), float('nan')):.2f}"
+                for d in depths) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -831,8 +943,9 @@ def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)\n"
     first = rows[0]
-    lines = [f"Measured on {first['device']}; dataset {first['dataset']} "
-             f"{'x'.join(map(str, first['in_shape']))}, precision {first['precision']}, "
+    shown = dict.fromkeys(f"{r['dataset']} {'x'.join(map(str, r['in_shape']))}" for r in rows)
+    lines = [f"Measured on {first['device']}; dataset{'s' if len(shown) > 1 else ''} {', '.join(shown)}, "
+             f"precision {first['precision']}, "
              f"{first['rounds']} interleaved rounds; 1-minute load average "
              f"{min(r['load_avg'] for r in rows):.1f} to {max(r['load_avg'] for r in rows):.1f}.", "",
              "Step time as a ratio to plain JAX (median over rounds of the same round's ratio):", "",
@@ -1098,6 +1211,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also trace each step's kernels with jax.profiler and report where the time goes: "
                         "convolutions, matrix products, reductions, layout changes, random bits, elementwise")
+    p.add_argument("--contexts", type=positive_int, nargs="+", default=list(DEFAULT_CONTEXTS),
+                   help="a language model's decode measure: context lengths (default: 64 256)")
+    p.add_argument("--depths", type=positive_int, nargs="+", default=list(DEFAULT_DEPTHS),
+                   help="a language model's compile measure: depths, each unrolled and scanned (default: 2 6 12)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier bench in --out (and --json)")
     p.set_defaults(handler=run)
@@ -1107,18 +1224,37 @@ def run(args: argparse.Namespace) -> int:
     styles_lib.use_precision(args.precision)
     out = files.output_dir(args.out, "--out")
     json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "bench.json"
-    data_lib.check_dirs(args.dataset, args.data_dir, args.manual_dir)
+    models = tuple(dict.fromkeys(args.models)) or NAMES
+    # --dataset for the models that read its kind (images, tokens); each other model its own default.
+    names = {m: args.dataset if args.dataset in (data_lib.TOKEN_DATASETS if MODELS[m].kind == "lm"
+                                                 else data_lib.IMAGE_DATASETS) else MODELS[m].dataset
+             for m in models}
+    if args.dataset is not None and args.dataset not in names.values():
+        data_lib.check_kind(args.dataset, MODELS[models[0]].kind == "lm", models[0])
+    for name in dict.fromkeys(names.values()):
+        data_lib.check_dirs(name, args.data_dir, args.manual_dir, **data_lib.options(args))
     with contextlib.ExitStack() as claims:
+        lms = [m for m in models if MODELS[m].kind == "lm"]
         claims.enter_context(files.claimed(out, "--out", force=args.force,
-                                           writes=["bench.md", "bench.png"] + ([] if args.json else ["bench.json"])))
+                                           writes=["bench.md", "bench.png"] + ([] if args.json else ["bench.json"])
+                                           + (["lm.json"] if lms else [])))
         if args.json:
             claims.enter_context(files.claimed(json_path, "--json", force=args.force))
-        dataset = data_lib.load(args.dataset, args.data_dir, args.manual_dir)
-        models = tuple(dict.fromkeys(args.models)) or NAMES
+        loaded = {name: data_lib.load(name, args.data_dir, args.manual_dir, **data_lib.options(args))
+                  for name in dict.fromkeys(names.values())}
         rows = bench(models, args.styles, batch_sizes=tuple(dict.fromkeys(args.batch_size)),
-                     precision=args.precision, dataset=dataset, patterns=args.patterns, rounds=args.repeats,
+                     precision=args.precision, dataset={m: loaded[names[m]] for m in models},
+                     patterns=args.patterns, rounds=args.repeats,
                      steps=args.steps, seed=args.seed, progress=not args.no_progress, profile=args.profile)
         table = format_markdown(rows)
+        measured = {}
+        for name in lms:
+            measured[name] = lm_measures(name, args.styles, dataset=loaded[names[name]], contexts=args.contexts,
+                                         depths=args.depths, precision=args.precision, seed=args.seed,
+                                         progress=not args.no_progress)
+            table += "\n" + format_lm(measured[name], [r for r in rows if r["model"] == name])
+        if measured:
+            write_json(out / "lm.json", measured)
         write_json(json_path, rows)
         write_text(out / "bench.md", table)
         plot(rows, out / "bench.png")

@@ -420,7 +420,7 @@ def forward(module, item):
     import inspect
 
     key = jax.random.key(0)
-    x = jnp.zeros((2, *item["in_shape"]), jnp.float32)
+    x = jnp.zeros((2, *item["in_shape"]), jnp.int32 if item["kind"] == "lm" else jnp.float32)
     labels = jnp.zeros((2,), jnp.int32)
     style, kwargs, call = item["style"], item["kwargs"], item["call"]
     extra = (labels,) if call["labels"] else ()
@@ -447,7 +447,7 @@ def forward(module, item):
     if style == "nnx":
         from flax import nnx
         net = cls(**kwargs, rngs=nnx.Rngs(0))
-        return net(x, *extra, *((nnx.Rngs(**{call["rng"]: 1}),) if call["rng"] else ()))
+        return net(x, *extra, **({"rngs": nnx.Rngs(**{call["rng"]: 1})} if call["rng"] else {}))
     if style == "haiku":
         import haiku as hk
         transform = hk.transform_with_state if call["state"] else hk.transform
@@ -517,8 +517,10 @@ def check_copies(style: str, copies: Sequence[tuple[Path, str]], *, timeout: flo
         spec = registry.get(model)
         items.append({
             "path": str(path), "dir": str(path.parent), "module": path.stem, "style": style,
-            "kind": spec.kind, "class": spec.class_name, "kwargs": spec.kwargs(CHECK_SHAPE, 10, spec.small),
-            "in_shape": list(CHECK_SHAPE), "chw": style == "equinox" and spec.channels_first,
+            "kind": spec.kind, "class": spec.class_name,
+            "kwargs": spec.kwargs(registry.example_shape(model, CHECK_SHAPE), 10, spec.small),
+            "in_shape": list(registry.example_shape(model, CHECK_SHAPE)),
+            "chw": style == "equinox" and spec.channels_first,
             "call": {"labels": spec.labels, "rng": spec.rng, "rng_argument": spec.rng_argument,
                      "train": spec.train_mode, "state": spec.state},
         })
@@ -554,8 +556,12 @@ def check_copies(style: str, copies: Sequence[tuple[Path, str]], *, timeout: flo
             problems.append(f"import {item['module']} found {entry['file']}, not the copy; rename the copy")
             continue
         kw = item["kwargs"]
-        expected = ([[2, kw["num_pixels"]], [2, kw["latents"]], [2, kw["latents"]]]
-                    if item["kind"] == "vae" else [[2, kw["num_classes"]]])
+        if item["kind"] == "vae":
+            expected = [[2, kw["num_pixels"]], [2, kw["latents"]], [2, kw["latents"]]]
+        elif item["kind"] == "lm":  # logits per token
+            expected = [[2, kw["block_size"], kw["vocab_size"]]]
+        else:
+            expected = [[2, kw["num_classes"]]]
         if entry["shapes"] != expected:
             problems.append(f"{name}: outputs of shape {entry['shapes']}, expected {expected}")
         elif not entry["finite"]:

@@ -290,6 +290,10 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
             return f"a hyperparameter {str(name)[:40]!r} that {spec.name} does not take"
         if value is None and flags[name].default is None:
             continue  # left to the model, as its default is (the ViT's patch size follows the image size)
+        if flags[name].parse is None:  # a switch
+            if not isinstance(value, bool):
+                return f"hyperparameter {name} = {str(value)[:40]}, which is not true or false"
+            continue
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         try:  # the command line's own parser: the value must be one the flag would accept
             parsed = flags[name].parse(text)
@@ -297,14 +301,21 @@ def _meta_problem(meta: dict[str, Any]) -> str | None:
             return f"hyperparameter {name} = {text[:40]}, which --{name.replace('_', '-')} would refuse"
         if (list(parsed) if isinstance(parsed, tuple) else parsed) != value:
             return f"hyperparameter {name} = {text[:40]} of the wrong type"
-    if not (isinstance(meta["in_shape"], list) and len(meta["in_shape"]) == 3
+    rank = 1 if spec.kind == "lm" else 3
+    if not (isinstance(meta["in_shape"], list) and len(meta["in_shape"]) == rank
             and all(_is_int(d, 1) for d in meta["in_shape"])):
-        return "an input shape that is not three positive integers"
+        return f"an input shape that is not {'one positive integer' if rank == 1 else 'three positive integers'}"
     if not _is_int(meta["num_classes"], 1):
         return "a number of classes that is not a positive integer"
     if meta["precision"] not in styles_lib.PRECISIONS or (
             meta["dataset"] not in data_lib.DATASETS and not (meta["dataset"] is None and "imported" in meta)):
         return "an unknown precision or dataset"
+    if not isinstance(meta.get("dataset_options", {}), dict):
+        return "dataset options that are not an object"
+    vocab = meta.get("vocab")
+    if vocab is not None and not (isinstance(vocab, list) and len(vocab) == meta["num_classes"]
+                                  and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        return "a vocabulary that is not one character per class"
     if not isinstance(meta["config"], dict):
         return "a config that is not an object"
     try:
@@ -400,7 +411,9 @@ def run_config(model: Model, dataset: data_lib.Dataset, config: train_lib.TrainC
     return json.loads(json.dumps({
         "format": FORMAT, "model": model.name, "hparams": model.hparams, "in_shape": model.in_shape,
         "num_classes": model.num_classes, "precision": model.precision, "style": model.style,
-        "dataset": dataset.name, "train_examples": len(dataset.train),
+        "dataset": dataset.name, "dataset_options": dataset.options, "train_examples": len(dataset.train),
+        # A language model's tokens: zoo generate reads and writes text with them.
+        "vocab": list(dataset.vocab) if dataset.vocab is not None else None,
         "config": dataclasses.asdict(config), "versions": _versions()}))
 
 
@@ -496,8 +509,9 @@ def _check_resumable(meta: dict[str, Any], model: Model, dataset: data_lib.Datas
                      config: train_lib.TrainConfig, where: Path) -> None:
     here = run_config(model, dataset, config)
     clashes = []
-    for key in ("model", "hparams", "in_shape", "num_classes", "precision", "dataset", "train_examples"):
-        if meta.get(key) != here[key]:
+    for key in ("model", "hparams", "in_shape", "num_classes", "precision", "dataset", "dataset_options",
+                "train_examples"):
+        if meta.get(key, {} if key == "dataset_options" else None) != here[key]:
             clashes.append(f"{key} {_show(meta.get(key))} there, {_show(here[key])} here")
     for key, value in here["config"].items():
         if key not in RESUMABLE_CHANGES and meta["config"].get(key) != value:

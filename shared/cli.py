@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 
-from shared import (bench, catalogue, checkpoint, compare, data, files, porting, registry, sample, site, styles,
-                    train)
+from shared import (bench, catalogue, checkpoint, compare, data, files, generate, porting, registry, sample, site,
+                    styles, train)
 from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, one_line,
                          open_fraction, path_arg, positive_float, positive_int, seed)
 from shared.data import add_data_args
@@ -136,7 +136,7 @@ def build_parser() -> Parser:
                         "far rounding alone moves the result, and the float64 runs that confirm a difference "
                         "above it as rounding (the noise_floor, float64 and parity columns)")
 
-    for module in (sample, bench, site, catalogue, porting):  # subcommands defined next to the code they drive
+    for module in (sample, generate, bench, site, catalogue, porting):  # subcommands defined next to the code they drive
         module.register(sub)
     return parser
 
@@ -184,6 +184,10 @@ def resume_from_checkpoint(args: argparse.Namespace) -> None:
     for name in ("dataset", "precision"):
         if name not in given:
             setattr(args, name, meta[name] if name in meta else getattr(args, name))
+    if "dataset" not in given:  # the same data: its options too (a token dataset's digits or block size)
+        for name, value in meta.get("dataset_options", {}).items():
+            if name in data.OPTIONS and name not in given:
+                setattr(args, name, value)
     for name, value in meta["hparams"].items():
         if name not in given:
             setattr(args, name, tuple(value) if isinstance(value, list) else value)
@@ -209,12 +213,24 @@ def start_distributed(args: argparse.Namespace) -> None:
                        "and TPU pods give --coordinator, --num-processes and --process-id") from None
 
 
+def choose_dataset(args: argparse.Namespace) -> None:
+    """``--dataset``'s default for the model (digits for images, addition for a language model), a
+    dataset of the other kind refused in one line, and the model's sizes checked against the data's
+    shape (a patch that does not divide the image, heads that do not divide the width) before any work."""
+    spec = MODELS[args.model]
+    if args.dataset is None:
+        args.dataset = spec.dataset
+    data.check_kind(args.dataset, spec.kind == "lm", args.model)
+    spec.kwargs(data.in_shape(args.dataset, **data.options(args)), 10, hparams_from(args))
+
+
 def check_train_paths(args: argparse.Namespace) -> Path:
     """Every path ``zoo train`` reads or writes, checked before any work; returns the output folder."""
+    choose_dataset(args)
     out = files.output_dir(args.out or f"runs/{args.model}-{args.style}-{args.dataset}", "--out")
     if args.init_from:
         files.input_path(args.init_from, "--init-from")
-    data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
+    data.check_dirs(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
     return out
 
 
@@ -266,7 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
         config.validate()
         hparams = hparams_from(args)
-        dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+        dataset = data.load(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
         model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
                              precision=args.precision, **hparams)
         if resume and checkpoint.already_complete(args.checkpoint_dir, model, dataset, config):
@@ -305,13 +321,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     styles.use_precision(args.precision)
     config = config_from(args)
     config.validate()
+    choose_dataset(args)
     out = files.output_file(args.out or f"runs/compare-{args.model}-{args.dataset}.json", "--out", ".json")
     if args.init_from:
         files.input_path(args.init_from, "--init-from")
-    data.check_dirs(args.dataset, args.data_dir, args.manual_dir)
+    data.check_dirs(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
     hparams = hparams_from(args)
     with files.claimed(out, "--out", force=args.force):
-        dataset = data.load(args.dataset, args.data_dir, args.manual_dir)
+        dataset = data.load(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
         init_canonical = init_state = None
         if args.init_from:
             init_canonical, init_state, _ = checkpoint.read_canonical(

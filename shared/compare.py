@@ -147,8 +147,10 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     if init_canonical is None or init_canonical_state is None:  # (an eager init compiles op by op: skip it if given)
         init_key, _ = jax.random.split(jax.random.key(config.seed))
         start_params, start_state = models["jax"].init(init_key)
-        init_canonical = start_params if init_canonical is None else init_canonical
-        init_canonical_state = start_state if init_canonical_state is None else init_canonical_state
+        # The reference's tree is canonical, but for blocks it stacks under a scan: converted all the same.
+        init_canonical = models["jax"].to_canonical(start_params) if init_canonical is None else init_canonical
+        init_canonical_state = (models["jax"].state_to_canonical(start_state) if init_canonical_state is None
+                                else init_canonical_state)
     start = (init_canonical, init_canonical_state)
     draws = spec.rng is not None
     key_impl = MIDPOINT if draws else None
@@ -178,6 +180,8 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             "train_loss": result.history[-1]["train_loss"],
             "test_loss": result.final["test_loss"],
             "test_accuracy": result.final.get("test_accuracy"),
+            **({"test_bits": result.final.get("test_bits"), "test_exact_match": result.final.get("test_exact_match")}
+               if spec.kind == "lm" else {}),
             "step_ms": result.step_ms,
             "step_ratio": result.step_ms / results["jax"].step_ms,
             "parity_run": ("midpoint draws" if draws else "this run") if parity_results else None,
@@ -253,11 +257,14 @@ def format_table(rows: list[dict], kind: str) -> str:
     """A fixed-width table of the rows, as ``zoo compare`` prints it."""
     headline = ("test acc", lambda r: f"{100 * r['test_accuracy']:.2f}%") if kind == "classifier" \
         else ("test -ELBO", lambda r: f"{r['test_loss']:.3f}")
+    lm = [("test bits/token", lambda r: f"{r['test_bits']:.4f}"),
+          ("token acc", lambda r: f"{100 * r['test_accuracy']:.2f}%"),
+          ("exact match", lambda r: f"{100 * r['test_exact_match']:.2f}%")]
     columns = [
         ("style", lambda r: r["style"]),
         ("params", lambda r: f"{r['params']:,}"),
         ("train loss", lambda r: f"{r['train_loss']:.4f}"),
-        headline,
+        *(lm if kind == "lm" else [headline]),
         ("step ms", lambda r: f"{r['step_ms']:.2f}"),
         ("vs jax", lambda r: f"{r['step_ratio']:.2f}x"),
     ]

@@ -220,21 +220,42 @@ def style_layout(style: str, canonical: str, shape: tuple[int, ...]) -> Layout:
     return IDENTITY
 
 
+def _stack_prefix(name: str, stacked: Sequence[str]) -> str | None:
+    return next((prefix for prefix in stacked if name.startswith(prefix + "/")), None)
+
+
+def unstacked(prefix: str, name: str, depth: int, layout: Layout) -> Split:
+    """A leaf of ``depth`` layers stacked on its leading axis (blocks run by a scan): the canonical
+    per-layer leaves ``{prefix}_0/...`` to ``{prefix}_{depth - 1}/...``, each through ``layout``."""
+    rest = name[len(prefix):]
+    note = f"{depth} layers on axis 0 -> {prefix}_0 ... {prefix}_{depth - 1}"
+    return Split(note if layout is IDENTITY else f"{note}, each {layout.note}",
+                 tuple(f"{prefix}_{i}{rest}" for i in range(depth)),
+                 lambda w: [layout.forward(w[i]) for i in range(depth)],
+                 lambda parts: jnp.stack([layout.backward(p) for p in parts]))
+
+
 class Converter:
     """Maps one style's parameter tree to the canonical dict and back, exactly."""
 
-    def __init__(self, style: str, template: PyTree, extra: Mapping[str, Layout | Renamed | Split] | None = None):
+    def __init__(self, style: str, template: PyTree, extra: Mapping[str, Layout | Renamed | Split] | None = None,
+                 stacked: Sequence[str] = ()):
         """``extra``: rules beyond the style's per-leaf conventions, keyed by the canonical path the
-        leaf's own path gives (a Layout applied after the conventions, a rename, a split)."""
+        leaf's own path gives (a Layout applied after the conventions, a rename, a split), for one
+        layer where the leaf is stacked. ``stacked``: prefixes of those paths whose leaves hold their
+        layers on a leading axis (``blocks``: blocks run by a scan); each maps to the canonical
+        per-layer leaves (``blocks_0``, ``blocks_1``, ...), the same whether the model scans or not."""
         self.style = style
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(template)
         extra = dict(extra or {})
         self.rules: list[LeafRule] = []
         for path, leaf in leaves:
             name = canonical_name(style, path)
-            if style == "equinox" and name.endswith("/kernel") and np.ndim(leaf) == 1:
-                name = name[:-len("kernel")] + "scale"  # a BatchNorm's or LayerNorm's weight
+            prefix = _stack_prefix(name, stacked)
             shape = tuple(np.shape(leaf))
+            layer_shape = shape[1:] if prefix else shape
+            if style == "equinox" and name.endswith("/kernel") and len(layer_shape) == 1:
+                name = name[:-len("kernel")] + "scale"  # a BatchNorm's or LayerNorm's weight
             abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
             rule = extra.pop(name, None)
             if isinstance(rule, Split):
@@ -248,9 +269,15 @@ class Converter:
             renamed = isinstance(rule, Renamed)
             if renamed:
                 name, rule = rule.canonical, rule.layout
-            layout = style_layout(style, name, shape)
+            layout = style_layout(style, name, layer_shape)
             if rule is not None:
                 layout = layout.then(rule)
+            if prefix:
+                split = unstacked(_stack_prefix(name, stacked) or prefix, name, shape[0], layout)
+                part = tuple(jax.eval_shape(layout.forward, jax.ShapeDtypeStruct(layer_shape, jnp.float32)).shape)
+                self.rules.append(LeafRule(jax.tree_util.keystr(path), split.parts, Layout(split.note, None, None),
+                                           shape, (part,) * shape[0], split, renamed))
+                continue
             canonical_shape = tuple(jax.eval_shape(layout.forward, abstract).shape)
             self.rules.append(LeafRule(jax.tree_util.keystr(path), (name,), layout, shape, (canonical_shape,),
                                        renamed=renamed))

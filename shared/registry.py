@@ -29,8 +29,9 @@ from shared.errors import ZooError, check_choice
 from shared.layouts import Layout, Renamed, Split, chw_rows_to_hwc, reshape
 
 STYLES = ("jax", "flax", "nnx", "haiku", "equinox")
-KINDS = ("classifier", "vae")
-InShape = tuple[int, int, int]
+KINDS = ("classifier", "vae", "lm")
+# (height, width, channels) images; (length,) token sequences for a language model.
+InShape = tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,8 @@ class HParam:
     name: str
     default: Any
     help: str
-    parse: Callable[[str], Any]  # argparse ``type=``: text -> value, raising ArgumentTypeError
+    # argparse ``type=``: text -> value, raising ArgumentTypeError; None for a switch (--x / --no-x)
+    parse: Callable[[str], Any] | None
 
     @property
     def flag(self) -> str:
@@ -53,7 +55,7 @@ class ModelSpec:
 
     name: str
     class_name: str  # the class in zoo/{flax,nnx,haiku,equinox}/NAME.py
-    kind: str  # "classifier" (logits) or "vae" (logits, mean, logvar; has generate)
+    kind: str  # "classifier" (logits), "vae" (logits, mean, logvar; has generate) or "lm" (logits per token)
     description: str
     constructor: Callable[[InShape, int, Mapping[str, Any]], dict[str, Any]]
     hparams: tuple[HParam, ...] = ()
@@ -110,6 +112,11 @@ class ModelSpec:
     # The decay of the running averages, for frameworks that debias them
     # (Haiku, Equinox): the state converters need it.
     ema_decay: Callable[[Mapping[str, Any]], float] | None = None
+    # Canonical prefixes whose parameters have a leading layer axis (blocks run by a scan), for
+    # the hyperparameters: the converters change their layouts layer by layer.
+    stacked: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
+    # The dataset the tools use when none is named.
+    dataset: str = "digits"
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -201,31 +208,75 @@ def _vit_kwargs(in_shape: InShape, num_classes: int, hp: Mapping[str, Any]) -> d
             "dropout_rate": hp["dropout"]}
 
 
-def _vit_rules(style: str, in_shape: InShape, hparams: Mapping[str, Any]) -> dict[str, Layout | Renamed]:
+def _attention_rules(style: str, blocks: list[tuple[str, str]], width: int, heads: int) -> dict[str, Renamed]:
     """Attention kernels: the canonical (Linen's) ``(in, heads, head_dim)`` and ``(heads, head_dim, out)``
-    from Haiku's and Equinox's ``(in, heads * head_dim)`` (Equinox's transposed), and their names."""
-    kwargs = _vit_kwargs(in_shape, 10, hparams)
-    width, heads = kwargs["width"], kwargs["num_heads"]
+    from Haiku's and Equinox's ``(in, heads * head_dim)`` (Equinox's transposed), and their names.
+    ``blocks``: (the native path of a block, its canonical path)."""
     head_dim = width // heads
-    patches = (in_shape[0] // kwargs["patch_size"]) * (in_shape[1] // kwargs["patch_size"])
     qkv, out = ("query", "key", "value"), {"haiku": "linear", "equinox": "output_proj"}.get(style)
     if out is None:
         return {}
-    rules: dict[str, Layout | Renamed] = {}
-    for i in range(kwargs["depth"]):
-        attn = f"blocks_{i}/attn"
+    rules: dict[str, Renamed] = {}
+    for native_block, block in blocks:
+        attn, native_attn = f"{block}/attn", f"{native_block}/attn"
         for name in qkv:
             native = name if style == "haiku" else f"{name}_proj"
             kernel = reshape((width, heads * head_dim), (width, heads, head_dim))
             bias = reshape((heads * head_dim,), (heads, head_dim))
-            rules[f"{attn}/{native}/kernel"] = Renamed(f"{attn}/{name}/kernel", kernel)
-            rules[f"{attn}/{native}/bias"] = Renamed(f"{attn}/{name}/bias", bias)
-        rules[f"{attn}/{out}/kernel"] = Renamed(f"{attn}/out/kernel",
-                                                reshape((heads * head_dim, width), (heads, head_dim, width)))
-        rules[f"{attn}/{out}/bias"] = Renamed(f"{attn}/out/bias")
+            rules[f"{native_attn}/{native}/kernel"] = Renamed(f"{attn}/{name}/kernel", kernel)
+            rules[f"{native_attn}/{native}/bias"] = Renamed(f"{attn}/{name}/bias", bias)
+        rules[f"{native_attn}/{out}/kernel"] = Renamed(f"{attn}/out/kernel",
+                                                       reshape((heads * head_dim, width), (heads, head_dim, width)))
+        rules[f"{native_attn}/{out}/bias"] = Renamed(f"{attn}/out/bias")
+    return rules
+
+
+def _vit_rules(style: str, in_shape: InShape, hparams: Mapping[str, Any]) -> dict[str, Layout | Renamed]:
+    """The attention's layouts (:func:`_attention_rules`); Equinox's one-example class token and position
+    embeddings."""
+    kwargs = _vit_kwargs(in_shape, 10, hparams)
+    width = kwargs["width"]
+    patches = (in_shape[0] // kwargs["patch_size"]) * (in_shape[1] // kwargs["patch_size"])
+    blocks = [(f"blocks_{i}", f"blocks_{i}") for i in range(kwargs["depth"])]
+    rules: dict[str, Layout | Renamed] = dict(_attention_rules(style, blocks, width, kwargs["num_heads"]))
     if style == "equinox":  # one example's class token and position embeddings: no batch axis
         rules["cls"] = reshape((1, width), (1, 1, width))
         rules["pos_embedding"] = reshape((patches + 1, width), (1, patches + 1, width))
+    return rules
+
+
+def _gpt_kwargs(in_shape: InShape, num_classes: int, hp: Mapping[str, Any]) -> dict[str, Any]:
+    if hp["width"] % hp["num_heads"]:
+        raise ZooError(f"gpt: {hp['num_heads']} heads do not divide width {hp['width']}; "
+                       "choose --num-heads dividing --width")
+    return {"vocab_size": num_classes, "block_size": in_shape[0], "width": hp["width"], "depth": hp["depth"],
+            "num_heads": hp["num_heads"], "mlp_dim": hp["mlp_dim"], "dropout_rate": hp["dropout"],
+            "scan_layers": hp["scan_layers"]}
+
+
+# The blocks' parameters, and each block's leaves, by the path each style's own tree gives them.
+GPT_BLOCK_LEAVES = ("norm1/scale", "norm1/bias", "norm2/scale", "norm2/bias", "mlp1/kernel", "mlp1/bias",
+                    "mlp2/kernel", "mlp2/bias")
+
+
+def _gpt_rules(style: str, in_shape: InShape, hparams: Mapping[str, Any]) -> dict[str, Layout | Renamed]:
+    """The attention's layouts (:func:`_attention_rules`, per layer when scanned); Haiku's ``embeddings``
+    and Equinox's ``weight`` are the canonical ``embedding``; Equinox's token embedding lives in the
+    ``eqx.nn.Shared`` that ties it to the logits layer; Haiku's scanned blocks live in a
+    ``hk.layer_stack`` named ``blocks`` holding one ``block``."""
+    scanned = hparams["scan_layers"]
+    native_stack = "blocks/block" if style == "haiku" else "blocks"
+    blocks = [(native_stack, "blocks")] if scanned else [(f"blocks_{i}", f"blocks_{i}")
+                                                          for i in range(hparams["depth"])]
+    rules: dict[str, Layout | Renamed] = dict(_attention_rules(style, blocks, hparams["width"],
+                                                               hparams["num_heads"]))
+    if style == "haiku":
+        rules.update({f"{name}/embeddings": Renamed(f"{name}/embedding") for name in ("embed", "pos_embed")})
+    if style == "equinox":  # eqx.nn.Shared keeps the (embedding, head) pair; the head's weight is the embedding's
+        rules["embed/pytree_0/kernel"] = Renamed("embed/embedding")
+        rules["pos_embed/kernel"] = Renamed("pos_embed/embedding")
+    if style == "haiku" and scanned:
+        rules.update({f"blocks/block/{leaf}": Renamed(f"blocks/{leaf}") for leaf in GPT_BLOCK_LEAVES})
     return rules
 
 
@@ -325,9 +376,44 @@ _REGISTRY = (
                           "others select; Linen's and NNX's LayerNorm take the variance in one pass, Haiku's "
                           "and Equinox's in two (jnp.var), Equinox's also clamps it at 0"),
     ),
+    ModelSpec(
+        name="gpt", class_name="GPT", kind="lm",
+        description="A small GPT (GPT-2's pre-LayerNorm decoder): token and learned position embeddings, 3 "
+                    "causal self-attention blocks (width 64, 4 heads, MLP 256, GELU), the logits through the "
+                    "token embedding (tied); KV-cache generation, and the blocks under a scan with "
+                    "--scan-layers.",
+        constructor=_gpt_kwargs,
+        hparams=(HParam("width", 64, "embedding width", positive_int),
+                 HParam("depth", 3, "transformer blocks", positive_int),
+                 HParam("num_heads", 4, "attention heads", positive_int),
+                 HParam("mlp_dim", 256, "hidden width of each block's MLP", positive_int),
+                 HParam("dropout", 0.1, "dropout rate on the embeddings, attention output and MLP", fraction),
+                 HParam("scan_layers", False, "run the blocks under one scan (parameters stacked on a "
+                                              "leading layer axis): one compiled layer", None)),
+        small={"width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32},
+        # 3-digit addition, 50,000 training problems: 4 epochs are 1,560 steps of 128.
+        epochs=4, batch_size=128, lr=1e-3, rng="dropout", train_mode=True, layouts=_gpt_rules,
+        stacked=lambda hp: ("blocks",) if hp["scan_layers"] else (), dataset="addition",
+        # Linen's and NNX's LayerNorm take the variance in one pass, NNX's attention hands over to
+        # jax.nn.dot_product_attention, Haiku's scales the logits after the product.
+        bitwise=(),
+        elementwise_work=("each framework derives its dropout keys its own way (make_rng's folds, fold_in, a "
+                          "key sequence, one key per example); hk.dropout multiplies by its mask where the "
+                          "others select; Linen's and NNX's LayerNorm take the variance in one pass, Haiku's "
+                          "and Equinox's in two; Haiku scales the attention logits after the product, the "
+                          "others the query before it"),
+    ),
 )
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _REGISTRY}
+# A language model's example input where an image model's is an image shape (the site's parameter
+# tables, zoo copy's check): its default dataset's sequences, 3-digit addition's 9 tokens, 10 of them.
+TOKENS_EXAMPLE = (9,)
+
+
+def example_shape(name: str, images: InShape) -> InShape:
+    """``images`` for an image model; :data:`TOKENS_EXAMPLE` for a language model."""
+    return TOKENS_EXAMPLE if get(name).kind == "lm" else images
 NAMES = tuple(MODELS)
 # The model whose parameter trees illustrate the layout rows of the site's
 # porting table (dense and conv kernels, conv biases, a flatten).
@@ -358,8 +444,12 @@ def add_hparam_flags(parser: argparse.ArgumentParser) -> None:
     """One command-line flag per hyperparameter of any model, with each model's default in its help."""
     for name, (hparam, models) in hparam_flags().items():
         defaults = "; ".join(f"{m}: {_show_default(MODELS[m].defaults[name])}" for m in models)
-        parser.add_argument(hparam.flag, dest=name, type=hparam.parse,
-                            help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
+        if hparam.parse is None:
+            parser.add_argument(hparam.flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
+        else:
+            parser.add_argument(hparam.flag, dest=name, type=hparam.parse,
+                                help=f"{', '.join(models)}: {hparam.help} (default {defaults})")
 
 
 def given_hparams(name: str, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from markupsafe import Markup, escape
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
-from shared import catalogue, files
+from shared import catalogue, files, registry
 from shared import styles as styles_lib
 from shared.args import choice_list, path_arg
 from shared.catalogue import ALIGN_ORDER, ANCHOR, REFERENCE, TITLES
@@ -179,7 +179,8 @@ def parameter_trees(models: Sequence[str], styles: Sequence[str] = STYLES, *,
     """Each style's parameter tree, its canonical mapping and (``measure``) its
     default initialiser, all from the code: ``jax.eval_shape`` of ``init``, the
     converter's rules, and a fresh ``init``."""
-    nets = {(m, s): styles_lib.build(m, s, in_shape=in_shape) for m in models for s in styles}
+    nets = {(m, s): styles_lib.build(m, s, in_shape=registry.example_shape(m, in_shape)) for m in models
+            for s in styles}
     values = _fresh_inits(nets) if measure else {}
     out = {}
     for (m, s), net in nets.items():
@@ -364,6 +365,7 @@ def differences(measured: dict[str, dict[str, Measured]],
             "tests/test_cli.py::test_compare_says_which_runs_drew_their_own_numbers")),
         *normalisation_rows(),
         *attention_rows(),
+        *language_model_rows(),
         *recurrence_rows(),
         Difference("Float64 parameters (`--precision float64`, x64 mode)", {
             "jax": "the reference's initialisers name `jnp.float32`: the adapter widens the parameters once, "
@@ -441,7 +443,8 @@ def normalisation_rows() -> list[Difference]:
             "flax": "`dtype=bfloat16` computes in bfloat16, the statistics in float32 "
                     "(`force_float32_reductions`); `batch_stats` stay float32",
             "nnx": "as Linen",
-            "haiku": "a jmp policy per module class (`hk.mixed_precision.push_policy`): the model's bfloat16 "
+            "haiku": "a jmp policy per module class (`hk.mixed_precision.push_policy`; `hk.LayerNorm` needs "
+                     "one too, or it takes its statistics in bfloat16): the model's bfloat16 "
                      "policy alone reaches `hk.BatchNorm`, whose running averages then come back bfloat16; the "
                      "zoo gives `hk.BatchNorm` a float32 policy, as Haiku's ImageNet example does",
             "equinox": "the adapter casts the module's arrays to bfloat16; `eqx.nn.BatchNorm` normalises eval "
@@ -483,6 +486,79 @@ def normalisation_rows() -> list[Difference]:
             "haiku": "`hk.dropout(rng, rate, x)`; no flag: do not call it in eval",
             "equinox": f"`eqx.nn.Dropout(p)`; {_default(eqx.nn.Dropout, 'inference')}",
         }, ("zoo/test_randomness.py::test_dropout_draws_by_its_law",)),
+    ]
+
+
+def language_model_rows() -> list[Difference]:
+    """The GPT: the causal mask, the key/value cache, tying, where the logits are scaled, scanned layers."""
+    gpt = "zoo/test_gpt.py::"
+    return [
+        Difference("Causal mask", {
+            "jax": "`key_position <= query_position`, then `jnp.where(mask, logits, finfo.min)`",
+            "flax": "`nn.make_causal_mask(tokens)`, `(batch, 1, len, len)`, as `mask=`; none when decoding "
+                    "(the cache masks itself)",
+            "nnx": "`nnx.make_causal_mask(tokens)`, or `is_causal=True` (the same outside decoding); never "
+                   "`is_causal` when decoding: it then attends to the first position only (flax#5591)",
+            "haiku": "`jnp.tril(jnp.ones((1, 1, len, len)))`: the mask must have the logits' rank",
+            "equinox": "`jnp.tril(jnp.ones((len, len), bool))`, exactly `(q, k)` (or `(heads, q, k)`), per "
+                       "example",
+        }, (gpt + "test_nnx_is_causal_during_decode_attends_to_the_first_position_only",
+            gpt + "test_haiku_needs_a_four_dimensional_mask",
+            gpt + "test_cached_decoding_gives_the_full_forward_logits")),
+        Difference("Key/value cache: where it lives, its layout and position", {
+            "jax": "a dict per layer `{key, value}`, `(batch, max_len, heads, head_dim)`, passed in and "
+                   "returned, written at the `index` given",
+            "flax": "`decode=True`: the `cache` collection, `cached_key`/`cached_value` `(batch, max_len, heads, "
+                    "head_dim)` and a scalar `cache_index` it advances itself; made by an `init` at full "
+                    "length, then one token per `apply(..., mutable=['cache'])` (flax#1317); the position "
+                    "embedding gets the positions",
+            "nnx": "`model.init_cache(batch, max_len)`: `nnx.Cache` variables of the same layout in each "
+                   "attention; `decode=True`, one token per call",
+            "haiku": "none built in: a `hk.MultiHeadAttention` subclass with the same parameters keeps the "
+                     "keys and values in `hk.get_state`/`hk.set_state` (`transform_with_state`), written at "
+                     "the positions given; a whole prompt can go in at once",
+            "equinox": "none built in (equinox #343, #690, #704 closed): the model takes and returns a "
+                       "`(keys, values)` pair per layer, `(max_len, heads, head_dim)` per example, written at "
+                       "`index`, using the attention's own projections",
+        }, (gpt + "test_each_frameworks_cache_layout", gpt + "test_cached_decoding_gives_the_full_forward_logits",
+            gpt + "test_greedy_generations_are_the_same_in_every_style")),
+        Difference("Tied token embedding and logits", {
+            "jax": "`x @ params['embed']['embedding'].T`",
+            "flax": "`self.embed.attend(x)` (`nn.Embed`)",
+            "nnx": "`self.embed.attend(x)` (`nnx.Embed`)",
+            "haiku": "`x @ self.embed.embeddings.T`: `hk.Embed.embeddings` gets the parameter again",
+            "equinox": "`eqx.nn.Shared((embedding, head), where, get)`: the head's weight is a placeholder "
+                       "that `shared()` fills with the embedding's; its gradient lands on the embedding",
+        }, (gpt + "test_the_logits_are_tied_to_the_token_embedding",
+            "zoo/test_parity.py::test_parameter_and_state_trees_map_one_to_one")),
+        Difference("Where the attention logits are scaled", {
+            "jax": "the query by `1/sqrt(head_dim)` before the product (Linen's order)",
+            "flax": "the query before the product; masked with `finfo.min`; the softmax in the computation dtype",
+            "nnx": "without attention-weight dropout, `jax.nn.dot_product_attention`: the logits after the "
+                   "product, the softmax in float32",
+            "haiku": "the logits after the product; masked with `-1e30`",
+            "equinox": "the query before the product; the softmax in float32 at least",
+        }, ("zoo/test_parity.py::test_every_deterministic_path_matches_the_reference",
+            "zoo/test_parity.py::test_fifty_float64_adam_steps_match_the_reference_to_1e_10")),
+        Difference("Scan over layers: the stacked axis (`--scan-layers`)", {
+            "jax": "`jax.lax.scan` over `params['blocks']`, every leaf with a leading layer axis",
+            "flax": "`nn.scan(Block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, "
+                    "'dropout': True}, in_axes=nn.broadcast, length=depth)`: `params/blocks/...`",
+            "nnx": "`nnx.split_rngs` + `nnx.vmap` build the stacked blocks, `nnx.scan` runs them (inside "
+                   "`nnx.split_rngs` when the dropout `rngs` come at call time); the `nnx.Cache` stacks too",
+            "haiku": "`hk.layer_stack(depth, name='blocks')`: `gpt/blocks/block/~/...`; its `init` returns "
+                     "the state after one apply (zero a cache made by it)",
+            "equinox": "`eqx.filter_vmap(Block)(keys)`, then `jax.lax.scan` over the arrays of "
+                       "`eqx.partition`, `eqx.combine` inside",
+        }, ("zoo/test_parity.py::test_round_trip_is_exact", gpt + "test_scanned_and_unrolled_are_the_same_network",
+            "zoo/test_randomness.py::test_dropout_draws_by_its_law")),
+        Difference("Default embedding initialiser", {
+            "jax": "none: the GPT draws N(0, 0.02), GPT-2's, in every style",
+            "flax": "`nn.Embed`: variance scaling 1, fan-in, normal: N(0, 1/features)",
+            "nnx": "`nnx.Embed`: as Linen",
+            "haiku": "`hk.Embed`: truncated normal, stddev 1 (cut at 2: std 0.88)",
+            "equinox": "`eqx.nn.Embedding`: N(0, 1)",
+        }, ("zoo/test_initialisers.py::test_default_embedding_initialiser",)),
     ]
 
 
@@ -923,7 +999,8 @@ def _write_site(out: Path, runs: Path, models: Sequence[str], found: dict[str, d
         rows = differences(pool(params.values()), layouts)
         page = env.get_template("model.html").render(
             model=model, code=code_view(model), params=params, differences=rows, cited=_cited(rows),
-            results=found[model], in_shape=IN_SHAPE, known=KNOWN_INITIALISERS, **common)
+            results=found[model], in_shape=registry.example_shape(model, IN_SHAPE), known=KNOWN_INITIALISERS,
+            **common)
         write_text(out / f"{model}.html", page)
         pages.append(out / f"{model}.html")
     rows = differences(pool(trees.values()), layouts)

@@ -10,10 +10,15 @@ The contract, the same for every model:
 - ``init(key) -> (params, state)``: the style's own parameter tree and its
   state (BatchNorm's running statistics; ``{}`` for a stateless model).
 - ``apply(params, state, images, labels, key, train) -> (outputs, state)``:
-  NHWC float images, int labels, the step's PRNG key and a Python bool, the
-  train/eval mode. Classifiers return logits, the VAE ``(logits, mean,
-  logvar)``. The returned state is the updated one in training and the same
-  one in evaluation.
+  NHWC float images (a language model's ``(batch, length)`` int tokens), int
+  labels, the step's PRNG key and a Python bool, the train/eval mode.
+  Classifiers return logits, the VAE ``(logits, mean, logvar)``, a language
+  model logits per token. The returned state is the updated one in training
+  and the same one in evaluation.
+- a language model's ``init_cache(params, batch_size) -> cache`` and
+  ``decode(params, cache, tokens, index) -> (logits, cache)``: generation with
+  the framework's own key/value cache, one ``(batch, 1)`` token at position
+  ``index`` per call (Linen's and NNX's caches take one at a time).
 
 Randomness: the step's key reaches each framework the way its own examples
 hand it over: an argument for plain JAX and for Linen's VAE (Flax's VAE
@@ -121,6 +126,10 @@ class Model:
     # eqx.nn.State or None), for code written the framework's way. None for the
     # styles whose native trees are already what their framework takes.
     as_module: Callable[[Any, Any, bool], Any] | None = None
+    # A language model's generation: ``init_cache(params, batch_size)`` (room for the model's
+    # block_size positions) and ``decode(params, cache, tokens, index) -> (logits, cache)``.
+    init_cache: Callable[[Any, int], Any] | None = None
+    decode: Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -146,14 +155,17 @@ class Model:
         return self.state_converter.from_canonical(canonical, updates)
 
 
-def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes: int = 10,
+def build(name: str, style: str, *, in_shape: tuple[int, ...], num_classes: int = 10,
           precision: str = "float32", **hparams: Any) -> Model:
-    """The model ``name`` written in ``style``, for images of shape ``in_shape`` (H, W, C)."""
+    """The model ``name`` written in ``style``, for images of shape ``in_shape`` (H, W, C), or for a
+    language model sequences of ``in_shape`` ``(length,)`` tokens of ``num_classes`` kinds."""
     spec = get(name)
     check_choice("style", style, STYLES)
     check_choice("precision", precision, PRECISIONS)
     in_shape = tuple(int(d) for d in in_shape)
-    if len(in_shape) != 3 or min(in_shape) < 1:
+    if spec.kind == "lm" and (len(in_shape) != 1 or min(in_shape) < 1):
+        raise ZooError(f"{name} reads token sequences: in_shape must be (length,), got {in_shape}")
+    if spec.kind != "lm" and (len(in_shape) != 3 or min(in_shape) < 1):
         raise ZooError(f"in_shape must be (height, width, channels), got {in_shape}")
     hparams = spec.resolve(hparams)
     kwargs = spec.kwargs(in_shape, num_classes, hparams)
@@ -164,19 +176,21 @@ def build(name: str, style: str, *, in_shape: tuple[int, int, int], num_classes:
     compute = jnp.bfloat16 if precision == "bfloat16" else None
     if precision == "float64" and style in PARAM_DTYPE_STYLES:
         kwargs = {**kwargs, "param_dtype": jnp.float64}
-    init, apply, generate, native, state_converter, *as_module = _BUILDERS[style](spec, module, kwargs, hparams,
-                                                                                 compute, in_shape, precision)
+    init, apply, generate, native, state_converter, decoder, as_module = _BUILDERS[style](
+        spec, module, kwargs, hparams, compute, in_shape, precision)
     if precision == "float64":
         init, apply, generate = _in_float64(init, apply, generate)
     apply = _checked(apply, name, style, in_shape)
     template, state_template = jax.eval_shape(init, jax.random.key(0))  # one trace gives both trees
     _check_fits(name, hparams, template)
     extra = spec.layouts(style, in_shape, hparams) if spec.layouts else {}
+    stacked = spec.stacked(hparams) if spec.stacked else ()
     if state_converter is None:
         state_converter = _named_state(Converter(style, state_template))
     state_converter = _shape_checked(state_converter, state_template)
     return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
-                 Converter(style, template, extra), state_converter, native, *as_module)
+                 Converter(style, template, extra, stacked), state_converter, native, as_module,
+                 *(decoder or (None, None)))
 
 
 # Training holds the parameters, their gradients and Adam's two moments at once.
@@ -254,9 +268,16 @@ def _split_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in names}
 
 
-def _dummy_inputs(in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def _dummy_inputs(spec: ModelSpec, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """An example batch for Linen and Haiku, which infer shapes on the first call."""
+    if spec.kind == "lm":
+        return jnp.zeros((1, *in_shape), jnp.int32), jnp.zeros((1, *in_shape), jnp.int32)
     return jnp.zeros((1, *in_shape), jnp.float32), jnp.zeros((1,), jnp.int32)
+
+
+def _cache_dtype(compute: Any, precision: str) -> Any:
+    """A key/value cache holds what the attention computes: bfloat16, float32 or float64."""
+    return compute or (jnp.float64 if precision == "float64" else jnp.float32)
 
 
 # --------------------------------------------------------------------------- state converters
@@ -381,19 +402,29 @@ def _build_jax(spec, module, kwargs, hparams, compute, in_shape, precision):
         args += [train] if spec.train_mode else []
         out = module.apply(*args, **apply_kwargs)
         out, state = out if spec.state else (out, state)
+        if spec.kind == "lm":
+            out = out[0]  # (logits, cache): no cache in training
         return widen_to_float32(out), state
 
-    generate = None
+    generate = decoder = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             return widen_to_float32(module.generate(_cast(params, compute), _cast(z, compute), labels))
-    return init, apply, generate, module, None
+    if spec.kind == "lm":
+        def init_cache(params, batch_size):
+            return module.init_cache(params, batch_size, kwargs["block_size"], _cache_dtype(compute, precision))
+
+        def decode(params, cache, tokens, index):
+            logits, cache = module.apply(_cast(params, compute), tokens, None, False, cache=cache, index=index)
+            return widen_to_float32(logits), cache
+        decoder = (init_cache, decode)
+    return init, apply, generate, module, None, decoder, None
 
 
 def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
     cls = getattr(module, spec.class_name)
     net = cls(**_split_kwargs(cls, kwargs), dtype=compute)
-    x0, y0 = _dummy_inputs(in_shape)
+    x0, y0 = _dummy_inputs(spec, in_shape)
 
     def call_args(images, labels, key, train):
         return ((images,) + ((labels,) if spec.labels else ()) + ((train,) if spec.train_mode else ())
@@ -415,11 +446,27 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
             return widen_to_float32(out), dict(updates["batch_stats"])
         return widen_to_float32(net.apply(variables, *args, rngs=rngs(key, train))), state
 
-    generate = None
+    generate = decoder = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             return widen_to_float32(net.apply({"params": params}, z, labels, method=net.generate))
-    return init, apply, generate, net, None
+    if spec.kind == "lm":
+        # Linen's decode mode: the attention keeps its keys and values in the "cache" collection,
+        # made by an init at full length, then one token per apply.
+        decoding = net.clone(decode=True)
+
+        def init_cache(params, batch_size):
+            tokens = jnp.zeros((batch_size, kwargs["block_size"]), jnp.int32)
+            shapes = jax.eval_shape(lambda: decoding.init(jax.random.key(0), tokens, False)["cache"])
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def decode(params, cache, tokens, index):
+            positions = index + jnp.arange(tokens.shape[1])
+            logits, mutated = decoding.apply({"params": params, "cache": cache}, tokens, False, positions,
+                                             mutable=["cache"])
+            return widen_to_float32(logits), mutated["cache"]
+        decoder = (init_cache, decode)
+    return init, apply, generate, net, None, decoder, None
 
 
 def _build_nnx(spec, module, kwargs, hparams, compute, in_shape, precision):
@@ -452,18 +499,36 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape, precision):
     def apply(params, state, images, labels, key, train):
         model = nnx.merge(graphdefs[train], params, state)
         args = (images,) + ((labels,) if spec.labels else ())
-        if spec.rng and (train or not spec.train_mode):  # eval mode draws nothing
-            args += (nnx.Rngs(**{spec.rng: key}),)
-        out = widen_to_float32(model(*args))
+        draws = spec.rng and (train or not spec.train_mode)  # eval mode draws nothing
+        out = widen_to_float32(model(*args, **({"rngs": nnx.Rngs(**{spec.rng: key})} if draws else {})))
         if spec.state and train:
             state = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
         return out, state
 
-    generate = None
+    generate = decoder = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             return widen_to_float32(nnx.merge(graphdefs[False], params, {}).generate(z, labels))
-    return init, apply, generate, cls, None, lambda params, state, train: nnx.merge(graphdefs[train], params, state)
+    if spec.kind == "lm":
+        # NNX's decode mode: init_cache gives each attention nnx.Cache variables, then one token per call.
+        def decoding(params, batch_size):
+            model = nnx.merge(graphdefs[False], params, {})
+            model.init_cache(batch_size, kwargs["block_size"], _cache_dtype(compute, precision))
+            return model
+
+        def init_cache(params, batch_size):
+            return nnx.to_pure_dict(nnx.state(decoding(params, batch_size), nnx.Cache))
+
+        def decode(params, cache, tokens, index):
+            model = decoding(params, tokens.shape[0])
+            state = nnx.state(model, nnx.Cache)
+            nnx.replace_by_pure_dict(state, cache)
+            nnx.update(model, state)
+            logits = model(tokens, index + jnp.arange(tokens.shape[1]), decode=True)
+            return widen_to_float32(logits), nnx.to_pure_dict(nnx.state(model, nnx.Cache))
+        decoder = (init_cache, decode)
+    return (init, apply, generate, cls, None, decoder,
+            lambda params, state, train: nnx.merge(graphdefs[train], params, state))
 
 
 def float64_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
@@ -484,10 +549,12 @@ def float64_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_
 
 
 # Haiku's mixed precision (jmp policies on module classes): the model computes in bfloat16 with
-# float32 parameters, and its BatchNorm keeps float32 parameters, statistics and arithmetic, as
-# Haiku's ImageNet example sets it, handing bfloat16 on to the next layer.
+# float32 parameters, and its normalisation layers keep float32 parameters, statistics and
+# arithmetic, as Haiku's ImageNet example sets BatchNorm's, handing bfloat16 on to the next layer.
+# (hk.LayerNorm would otherwise take its mean and variance in bfloat16, where Linen's, NNX's and
+# Equinox's take them in float32.)
 HAIKU_POLICY = "params=float32,compute=bfloat16,output=float32"
-HAIKU_BN_POLICY = "params=float32,compute=float32,output=bfloat16"
+HAIKU_NORM_POLICY = "params=float32,compute=float32,output=bfloat16"
 
 
 def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
@@ -502,7 +569,8 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
 
         def with_policy(*args):
             with hk.mixed_precision.push_policy(cls, jmp.get_policy(HAIKU_POLICY)), \
-                    hk.mixed_precision.push_policy(hk.BatchNorm, jmp.get_policy(HAIKU_BN_POLICY)):
+                    hk.mixed_precision.push_policy(hk.BatchNorm, jmp.get_policy(HAIKU_NORM_POLICY)), \
+                    hk.mixed_precision.push_policy(hk.LayerNorm, jmp.get_policy(HAIKU_NORM_POLICY)):
                 return fn(*args)
         return with_policy
 
@@ -514,7 +582,7 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
         call = under_policy(model.__call__)
         return call, (call, under_policy(model.generate)) if spec.kind == "vae" else (call,)
 
-    x0, y0 = _dummy_inputs(in_shape)
+    x0, y0 = _dummy_inputs(spec, in_shape)
 
     def call_args(images, labels, train):
         return (images,) + ((labels,) if spec.labels else ()) + ((train,) if spec.train_mode else ())
@@ -531,15 +599,32 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
             return widen_to_float32(out), (new_state if train else state)
         return widen_to_float32(forward.apply[0](params, rng, *args)), state
 
-    generate = None
+    generate = decoder = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             return widen_to_float32(forward.apply[1](params, None, z, labels))
+    if spec.kind == "lm":
+        # The same parameters, and the attention's key/value cache as Haiku state.
+        @hk.transform_with_state
+        def decoding(tokens, positions):
+            return under_policy(lambda t, p: cls(**kwargs)(t, False, p, decode=True))(tokens, positions)
+
+        def init_cache(params, batch_size):
+            # Zeros of the state's shapes (hk.layer_stack's init returns its state after one apply), in
+            # the dtype the attention computes in (an init traces the float32 parameters it makes).
+            shapes = jax.eval_shape(lambda: decoding.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32),
+                                                          jnp.arange(1))[1])
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, _cache_dtype(compute, precision)), shapes)
+
+        def decode(params, cache, tokens, index):
+            logits, cache = decoding.apply(params, cache, None, tokens, index + jnp.arange(tokens.shape[1]))
+            return widen_to_float32(logits), cache
+        decoder = (init_cache, decode)
     converter = None
     if spec.state:
         template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
         converter = _haiku_state(spec, template, hparams)
-    return init, apply, generate, forward, converter
+    return init, apply, generate, forward, converter, decoder, None
 
 
 def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
@@ -612,14 +697,25 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
         out, new_state = equinox_batch(spec, net, _cast(images, compute), labels, eqx_state, key if draws else None)
         return widen_to_float32(out), flat_state(new_state)
 
-    generate = None
+    generate = decoder = None
     if spec.kind == "vae":
         def generate(params, z, labels):
             net = module(_cast(params, compute), False)
             return widen_to_float32(jax.vmap(net.generate)(_cast(z, compute), labels))
+    if spec.kind == "lm":
+        # The model acts on one sequence and takes its cache in and out: one cache per example.
+        def init_cache(params, batch_size):
+            cache = module(params, False).init_cache(kwargs["block_size"], _cache_dtype(compute, precision))
+            return jax.tree.map(lambda z: jnp.broadcast_to(z, (batch_size, *z.shape)), cache)
+
+        def decode(params, cache, tokens, index):
+            net = module(_cast(params, compute), False)
+            logits, cache = jax.vmap(lambda t, c: net(t, c, index))(tokens, cache)
+            return widen_to_float32(logits), cache
+        decoder = (init_cache, decode)
     converter = _equinox_state([path for path, _ in layers]) if spec.state else None
-    return init, apply, generate, cls, converter, lambda params, state, train: (module(params, train),
-                                                                                  equinox_state(state))
+    return init, apply, generate, cls, converter, decoder, lambda params, state, train: (module(params, train),
+                                                                                           equinox_state(state))
 
 
 def equinox_batch_norms(model: Any, state: Any) -> list[tuple[str, tuple[Any, Any]]]:
@@ -643,7 +739,7 @@ def equinox_batch_norms(model: Any, state: Any) -> list[tuple[str, tuple[Any, An
 
 def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Array, state: Any,
                   key: jax.Array | None) -> tuple[Any, Any]:
-    """An Equinox model, which acts on one example, over a batch of NHWC images.
+    """An Equinox model, which acts on one example, over a batch of NHWC images (or token sequences).
 
     ``jax.vmap`` with the batch axis named ``"batch"`` (BatchNorm's statistics),
     the state shared across the batch, and one key per example split from
@@ -658,6 +754,8 @@ def equinox_batch(spec: ModelSpec, net: Any, images: jax.Array, labels: jax.Arra
     kw = {"key": jax.random.split(key, x.shape[0])} if spec.rng and key is not None else {}
     out = jax.vmap(net, in_axes=tuple(in_axes), out_axes=(0, None) if spec.state else 0,
                    axis_name="batch")(*args, **kw)
+    if spec.kind == "lm":
+        out = out[0]  # a language model's (logits, cache): no cache outside generation
     return out if spec.state else (out, state)
 
 

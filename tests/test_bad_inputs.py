@@ -92,6 +92,15 @@ def world(tmp_path_factory, data_dir, digits) -> World:
         meta = json.loads(metadata.read_text())
         edit(meta)
         metadata.write_text(json.dumps(meta))
+    # A language model's checkpoint (1-digit addition: 3 tokens a sequence), and text files good and bad.
+    assert main(["train", "gpt", "--style", "jax", "--width", "8", "--depth", "1", "--num-heads", "2",
+                 "--mlp-dim", "8", "--digits", "1", "--batch-size", "40", "--epochs", "1", "--no-progress",
+                 "--data-dir", str(data_dir), "--checkpoint-dir", str(root / "gpt-ckpt"),
+                 "--out", str(root / "gpt-out")]) == 0
+    (root / "empty.txt").write_text("")
+    (root / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    (root / "nul.txt").write_bytes(b"text\x00more text\n")
+    (root / "short.txt").write_text("a few words, not many\n" * 4)
     shutil.copytree(root / "ckpt", root / "stray-step")
     (root / "stray-step" / "33").write_text("the user's file, named like the next step\n")
     shutil.copytree(root / "ckpt", root / "lock-link")
@@ -110,6 +119,9 @@ TRAIN = ["train", "mlp", "--style", "jax", "--no-progress", "--data-dir", "{data
 COMPARE = ["compare", "mlp", "--styles", "jax,flax", "--no-progress", "--data-dir", "{data}"]
 BENCH = ["bench", "mlp", "--styles", "jax", "--no-progress", "--data-dir", "{data}"]
 SAMPLE = ["sample", "vae", "--style", "jax", "--checkpoint", "{root}/ckpt"]
+GPT = ["train", "gpt", "--style", "jax", "--no-progress", "--data-dir", "{data}"]
+TEXT = [*GPT, "--dataset", "text", "--text-file"]
+GENERATE = ["generate", "gpt", "--checkpoint", "{root}/gpt-ckpt"]
 HUGE = "9" * 30
 
 # (id, arguments, what the one line must say)
@@ -287,6 +299,30 @@ CASES = [
     ("sample-per-class-zero", [*SAMPLE, "--per-class", "0"], "must be a positive integer, got 0"),
     ("sample-per-class-huge", [*SAMPLE, "--per-class", "1000000"], "must be at most 1000"),
     ("sample-seed-negative", [*SAMPLE, "--seed", "-1"], "must be a seed from 0"),
+    # --- token data and the language model
+    ("gpt-on-images", [*GPT, "--dataset", "digits"], "gpt reads token sequences and --dataset digits holds images"),
+    ("mlp-on-tokens", [*TRAIN, "--dataset", "pydoc"], "mlp reads images and --dataset pydoc holds token sequences"),
+    ("text-without-a-file", [*GPT, "--dataset", "text"], "--dataset text needs --text-file FILE"),
+    ("text-file-missing", [*TEXT, "{root}/no-such.txt"], "--text-file {root}/no-such.txt does not exist"),
+    ("text-file-is-a-folder", [*TEXT, "{root}/empty"], "{root}/empty is a folder"),
+    ("text-file-empty", [*TEXT, "{root}/empty.txt"], "{root}/empty.txt is empty"),
+    ("text-file-not-utf8", [*TEXT, "{root}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 3"),
+    ("text-file-binary", [*TEXT, "{root}/nul.txt"], "holds a NUL byte"),
+    ("text-block-too-long", [*TEXT, "{root}/short.txt", "--block-size", "64"],
+     "--block-size 64 is too long for"),
+    ("addition-digits-zero", [*GPT, "--digits", "0"], "--digits"),
+    ("addition-digits-seven", [*GPT, "--digits", "7"], "--digits"),
+    ("gpt-heads-do-not-divide", [*GPT, "--width", "10", "--num-heads", "4"], "4 heads do not divide width 10"),
+    ("generate-an-mlp", ["generate", "gpt", "--checkpoint", "{root}/ckpt"], "holds a mlp, not a gpt"),
+    ("generate-checkpoint-missing", ["generate", "gpt", "--checkpoint", "{root}/no-such"],
+     "--checkpoint {root}/no-such does not exist"),
+    ("generate-top-k-greedy", [*GENERATE, "--top-k", "3"], "--top-k samples, and --temperature 0 decodes"),
+    ("generate-temperature-negative", [*GENERATE, "--temperature", "-1"], "--temperature"),
+    ("generate-unknown-character", [*GENERATE, "--prompt", "1x"], "'x' not in the model's 10 characters"),
+    ("generate-too-long", [*GENERATE, "--prompt", "12", "--max-new-tokens", "5"],
+     "beyond the 3 the model was trained for"),
+    ("generate-addition-too-many-digits", [*GENERATE, "--prompt", "12+3"],
+     "expected A+B with numbers of at most 1 digits"),
 ]
 
 

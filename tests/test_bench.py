@@ -116,16 +116,17 @@ class _Compiled:
 
 
 @pytest.fixture(scope="module")
-def compiled_cases(digits):
+def compiled_cases(request):
     """Per model: the reference, NNX's and Equinox's idiomatic steps and every fast step, made once
-    and each compiled once, when first read."""
+    and each compiled once, when first read (on digits, or 1-digit addition for a language model)."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            batch = data.train_batches(digits.train, 8, 0, 0)[0]
-            cases = bench.make_cases(name, ("haiku", "nnx", "equinox"), batch, in_shape=digits.in_shape,
-                                     num_classes=10, **TINY.get(name, {}))
+            dataset = request.getfixturevalue("addition" if MODELS[name].kind == "lm" else "digits")
+            batch = data.train_batches(dataset.train, 8, 0, 0)[0]
+            cases = bench.make_cases(name, ("haiku", "nnx", "equinox"), batch, in_shape=dataset.in_shape,
+                                     num_classes=dataset.num_classes, **TINY.get(name, {}))
             cache[name] = cases, _Compiled(cases)
         return cache[name]
     return get

@@ -132,8 +132,9 @@ def test_copied_models_run_without_the_repository(style, tmp_path):
     assert report["hidden"] > 0
     shapes = {m: entry["shapes"] for m, entry in zip(MODELS, report["items"])}
     latents = registry.MODELS["vae"].resolve(registry.MODELS["vae"].small)["latents"]  # the check's small size
-    expected = {m: [[2, 64], [2, latents], [2, latents]] if registry.MODELS[m].kind == "vae" else [[2, 10]]
-                for m in MODELS}
+    length = registry.TOKENS_EXAMPLE[0]  # a language model's check: 9 tokens, logits over 10 for each
+    expected = {m: {"vae": [[2, 64], [2, latents], [2, latents]], "lm": [[2, length, 10]]}.get(
+        registry.MODELS[m].kind, [[2, 10]]) for m in MODELS}
     assert shapes == expected
     assert all(entry["finite"] and entry["file"] == str((dest / f"{m}.py").resolve())
                for m, entry in zip(MODELS, report["items"]))

@@ -44,6 +44,16 @@ def one_line(capsys, *needles: str) -> str:
     return err
 
 
+def data_for(model: str, request) -> object:
+    """What ``model`` reads here: the digits, or for a language model 1-digit addition."""
+    return request.getfixturevalue("addition" if MODELS[model].kind == "lm" else "digits")
+
+
+def data_flags(model: str) -> list[str]:
+    """Two steps an epoch: batches of 512 digits, or of 40 of the 80 problems of 1-digit addition."""
+    return ["--digits", "1", "--batch-size", "40"] if MODELS[model].kind == "lm" else ["--batch-size", "512"]
+
+
 def small_flags(model: str, **given) -> list[str]:
     """The command-line flags of the registry's small size (``given`` on top)."""
     out = []
@@ -150,7 +160,7 @@ def test_resume_starts_a_run_where_there_is_nothing_to_resume(tmp_path, data_dir
 def write_checkpoint(directory: Path, model: str, digits, **hparams) -> styles.Model:
     """A checkpoint as a run writes it (step 0: the start of a run), of ``model`` built with ``hparams``."""
     net = styles.build(model, "jax", in_shape=digits.in_shape, num_classes=digits.num_classes, **hparams)
-    config = TrainConfig(epochs=1)
+    config = TrainConfig(epochs=1, batch_size=min(128, len(digits.train)))
     params, state = styles.compile_low_opt(jax.jit(net.init).lower(jax.random.key(0)))(jax.random.key(0))
     optimizer = make_optimizer(config, 11, None)
     start = TrainState(np.zeros((), np.int32), params, state, optimizer.init(params), None)
@@ -162,7 +172,8 @@ def write_checkpoint(directory: Path, model: str, digits, **hparams) -> styles.M
 
 
 @pytest.mark.parametrize("model", NAMES)
-def test_every_checkpoint_we_write_is_read_by_every_reader(model, tmp_path, digits):
+def test_every_checkpoint_we_write_is_read_by_every_reader(model, tmp_path, request):
+    digits = data_for(model, request)
     spec = MODELS[model]
     kwargs = spec.kwargs(digits.in_shape, digits.num_classes, {})
     # Every hyperparameter given, as the model resolves its default (the ViT's patch size: 2 on digits).
@@ -201,11 +212,13 @@ def meta_hparams(meta: dict) -> dict:
 @pytest.mark.parametrize("model", NAMES)
 def test_every_model_trains_checkpoints_and_resumes_in_every_style_and_precision(model, precision, tmp_path,
                                                                                  data_dir, digits):
-    """Two steps an epoch (batches of 512) of the small model: zoo compare trains and evaluates every style;
-    zoo train then checkpoints an epoch and resumes a second in every style. (A subprocess would turn on x64
-    for float64; in this process compare and train get the precision through jax.enable_x64.)"""
+    """Two steps an epoch (:func:`data_flags`) of the small model: zoo compare trains and evaluates every
+    style; zoo train then checkpoints an epoch and resumes a second in every style, the resumed run taking
+    the precision, batch size and dataset options from the checkpoint. (A subprocess would turn on x64 for
+    float64; in this process compare and train get the precision through jax.enable_x64.)"""
     flags = small_flags(model)
-    common = ["--precision", precision, "--batch-size", "512", "--no-progress", "--data-dir", data_dir]
+    resumed = ["--no-progress", "--data-dir", data_dir]
+    common = ["--precision", precision, *data_flags(model), *resumed]
     with jax.enable_x64(precision == "float64"):
         assert zoo("compare", model, "--epochs", "1", *flags, *common, "--no-noise-floor",
                    "--out", tmp_path / "c.json") == 0
@@ -215,7 +228,7 @@ def test_every_model_trains_checkpoints_and_resumes_in_every_style_and_precision
             ck = tmp_path / style
             assert zoo("train", model, "--style", style, "--epochs", "1", *flags, *common, "--checkpoint-dir", ck,
                        "--out", tmp_path / f"{style}-a") == 0
-            assert zoo("train", model, "--style", style, "--epochs", "2", "--resume", *common[4:],
+            assert zoo("train", model, "--style", style, "--epochs", "2", "--resume", *resumed,
                        "--checkpoint-dir", ck, "--out", tmp_path / f"{style}-b") == 0
             meta = checkpoint.read_meta(*checkpoint.resolve(ck))
             assert meta["step"] == 4 and meta["precision"] == precision

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shared import site
+from shared import registry, site
 from shared.cli import main
 from shared.registry import NAMES as MODELS, STYLES
 
@@ -212,7 +212,7 @@ def test_every_style_is_rendered_in_chromium(built, model, tmp_path):
     # One parameter table per style, one row per leaf, mapped to the reference's canonical paths.
     for style in STYLES:
         [table] = dom.find_all("table", cls="params", data_style=style)
-        net = styles.build(model, style, in_shape=site.IN_SHAPE)
+        net = styles.build(model, style, in_shape=registry.example_shape(model, site.IN_SHAPE))
         got = [tr.attrs["data-canonical"] for tr in table.find_all("tr") if "data-canonical" in tr.attrs]
         assert got == [rule.canonical for rule in net.converter.rules]
         assert all(len(tr.find_all("td")) == 8 and tr.find_all("td")[6].content().strip()

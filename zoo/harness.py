@@ -3,7 +3,8 @@ steps kept per worker, and the recording and replaying of random draws.
 
 Every check runs the registry's ``small`` hyperparameters (``ModelSpec.small``:
 every layer kind and code path, a fraction of the compile time) on the digits
-images, 8x8. A program is compiled once per worker and reused by every test
+images, 8x8, or for a language model on 3-digit addition (9 tokens, made here
+as the dataset makes them, without building it). A program is compiled once per worker and reused by every test
 that needs it (``functools.cache``); the persistent compile cache keeps it for
 the next run.
 
@@ -31,9 +32,41 @@ from shared import styles as styles_lib
 from shared import tasks
 from shared.draws import midpoint_key
 from shared.layouts import flatten_canonical
-from shared.registry import MODELS, STYLES
+from shared.registry import MODELS, STYLES, ModelSpec
 
 IN_SHAPE = (8, 8, 1)
+DIGITS = 3  # a language model's addition: sequences of 3 * DIGITS tokens, a vocabulary of 10
+TOKENS_SHAPE = (3 * DIGITS,)
+
+
+# A model with a --scan-layers switch is also checked scanned, as "MODEL:scan": its blocks under
+# each framework's own scan, from the same canonical start, against the same unrolled reference.
+SCANNED = tuple(f"{name}:scan" for name, spec in MODELS.items() if "scan_layers" in spec.defaults)
+
+
+def spec(model: str) -> ModelSpec:
+    """The registry's entry of ``model`` (or of the model a ``:scan`` variant scans)."""
+    return MODELS[model.partition(":")[0]]
+
+
+def variant(model: str) -> dict[str, Any]:
+    return {"scan_layers": True} if model.endswith(":scan") else {}
+
+
+def in_shape(model: str) -> tuple[int, ...]:
+    return TOKENS_SHAPE if spec(model).kind == "lm" else IN_SHAPE
+
+
+@functools.cache
+def addition(examples: int = 2048) -> data_lib.Split:
+    """The first ``examples`` problems of the addition dataset's order, as its training split holds them."""
+    return data_lib.token_split(data_lib.addition_sequences(data_lib.addition_order(DIGITS, examples), DIGITS),
+                                data_lib.addition_masked(DIGITS))
+
+
+def train_split(model: str, digits: data_lib.Dataset) -> data_lib.Split:
+    """What ``model`` trains on here: digits' training images, or addition problems."""
+    return addition() if spec(model).kind == "lm" else digits.train
 OTHERS = tuple(s for s in STYLES if s != "jax")
 DRAWN = ("bernoulli", "normal")  # the jax.random functions the models' randomness goes through
 
@@ -41,8 +74,8 @@ DRAWN = ("bernoulli", "normal")  # the jax.random functions the models' randomne
 @functools.cache
 def build(model: str, style: str, precision: str = "float32", **overrides: Any) -> styles_lib.Model:
     """``model`` in ``style`` at its small size (``overrides`` on top)."""
-    return styles_lib.build(model, style, in_shape=IN_SHAPE, precision=precision,
-                            **{**MODELS[model].small, **overrides})
+    return styles_lib.build(spec(model).name, style, in_shape=in_shape(model), precision=precision,
+                            **{**spec(model).small, **variant(model), **overrides})
 
 
 @functools.cache
@@ -58,7 +91,10 @@ def quick_init(model: str, style: str, key: jax.Array) -> tuple[Any, Any]:
 
 @functools.cache
 def start(model: str) -> tuple[dict, dict]:
-    """The reference's initial parameters and state (canonical by definition)."""
+    """The reference's initial parameters and state (canonical by definition): a scanned variant starts
+    where its unrolled model does."""
+    if variant(model):
+        return start(spec(model).name)
     return quick_init(model, "jax", jax.random.key(42))
 
 
@@ -79,8 +115,10 @@ def moved(tree: Any, direction: float) -> Any:
     return jax.tree.map(lambda x: np.nextafter(np.asarray(x), np.asarray(direction, np.asarray(x).dtype)), tree)
 
 
-def batch(digits: data_lib.Dataset, size: int = 64) -> dict[str, np.ndarray]:
-    return data_lib.train_batches(digits.train, size, seed=0, epoch=0)[0]
+def batch(digits: data_lib.Dataset, size: int = 64, model: str | None = None) -> dict[str, np.ndarray]:
+    """The first training batch of digits or, for a language model, of addition problems."""
+    split = train_split(model, digits) if model else digits.train
+    return data_lib.train_batches(split, size, seed=0, epoch=0)[0]
 
 
 # --------------------------------------------------------------------------- deterministic paths
@@ -118,7 +156,7 @@ def deterministic(model: str, style: str, precision: str = "float32") -> Callabl
 def _adam(model: str, precision: str) -> tuple[Any, Callable]:
     """optax's Adam at the model's own learning rate, on flat canonical trees: one update program per
     model and precision, whichever style's gradients it is given."""
-    optimizer = optax.adam(MODELS[model].lr)
+    optimizer = optax.adam(spec(model).lr)
 
     def update(params, grads, opt_state):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -142,7 +180,7 @@ def train_losses(model: str, style: str, digits: data_lib.Dataset, steps: int = 
     opt_state = optimizer.init(flat)
     losses, epoch = [], 0
     while len(losses) < steps:
-        batches = data_lib.train_batches(digits.train, 64, seed=0, epoch=epoch)
+        batches = data_lib.train_batches(train_split(model, digits), 64, seed=0, epoch=epoch)
         for i in range(min(len(batches), steps - len(losses))):
             native_params, native_state = native(model, style, (nest(flat), state))
             out = fn(native_params, native_state, native_state, batches[i]["image"], batches[i]["label"])
@@ -167,7 +205,7 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- draws
 
-_DRAWN: dict[int, np.ndarray] = {}  # what the last recorded call drew, by site
+_DRAWN: dict[int, list[np.ndarray]] = {}  # what the last recorded call drew, by site, call after call
 
 
 def _shape_of(name: str, args: tuple, kwargs: dict) -> tuple[int, ...]:
@@ -203,8 +241,8 @@ def _recording() -> contextlib.AbstractContextManager:
             site = sites[0]
             sites[0] += 1
 
-            def keep(value):
-                _DRAWN[site] = np.asarray(value)
+            def keep(value):  # once per call: a site inside a scan is called once per layer
+                _DRAWN.setdefault(site, []).append(np.asarray(value))
                 return value
             return jax.pure_callback(keep, jax.ShapeDtypeStruct(out.shape, out.dtype), out,
                                      vmap_method="expand_dims")
@@ -223,7 +261,7 @@ def recorder(model: str, style: str, train: bool = True, **overrides: Any) -> Ca
         _DRAWN.clear()
         with _recording():  # at the first call, while the program is traced
             out = jax.block_until_ready(fn(*args))
-        return out, [_DRAWN[site] for site in sorted(_DRAWN)]
+        return out, [draw for site in sorted(_DRAWN) for draw in _DRAWN[site]]
     return run
 
 

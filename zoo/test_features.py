@@ -144,6 +144,7 @@ def test_patterns_that_match_nothing_are_refused(digits):
 # outputs may differ by a few bfloat16 roundings: we allow 2% of the output's
 # scale, against 2e-3 to 8e-3 between bfloat16 and float32 here.
 BF16_RTOL = 2e-2
+BF16_FACTOR = 1.5
 
 
 _FORWARD: dict[tuple, object] = {}  # (model, style, precision): outputs on the first 64 test images
@@ -151,28 +152,36 @@ _FORWARD: dict[tuple, object] = {}  # (model, style, precision): outputs on the 
 
 def forward(model: str, style: str, precision: str, digits):
     """Training-mode outputs (with batch statistics, and every draw the midpoint, where the model has
-    them) from the common start; each once per worker (the references' serve four styles)."""
+    them) from the common start, on a first training batch; each once per worker (the references' serve
+    four styles)."""
     if (model, style, precision) not in _FORWARD:
         net = harness.build(model, style, precision)
         canonical, state = start(model, digits), start_state(model, digits)
+        batch = harness.batch(digits, 64, model)
         _FORWARD[model, style, precision] = jax.jit(net.apply, static_argnums=5)(
-            net.from_canonical(canonical), net.state_from_canonical(state, 0), digits.test.images[:64],
-            digits.test.labels[:64], midpoint_key(), MODELS[model].train_mode)[0]
+            net.from_canonical(canonical), net.state_from_canonical(state, 0), batch["image"],
+            batch["label"], midpoint_key(), MODELS[model].train_mode)[0]
     return _FORWARD[model, style, precision]
 
 
 @pytest.mark.parametrize("model", NAMES)
 @pytest.mark.parametrize("style", OTHERS)
 def test_bfloat16_forward_matches_reference(model, style, digits):
+    """The style's bfloat16 outputs are as close to the float32 ones as the reference's bfloat16 outputs
+    are (within 1.5 times: each rounds on its own, in its own order), and really are bfloat16's.
+
+    A bound relative to the outputs' scale does not fit every model: the GPT's logits at initialisation
+    are small (0.23) against what bfloat16 rounding through two blocks adds (0.006 in the reference
+    itself), so two bfloat16 computations differ by up to twice that."""
     expected = forward(model, "jax", "bfloat16", digits)
     got = forward(model, style, "bfloat16", digits)
     full = forward(model, "jax", "float32", digits)
     for e, g, f in zip(jax.tree.leaves(expected), jax.tree.leaves(got), jax.tree.leaves(full)):
         assert g.dtype == jnp.float32  # outputs come back in float32 for the loss
-        scale = float(jnp.max(jnp.abs(e)))
-        np.testing.assert_allclose(g, e, atol=BF16_RTOL * scale, rtol=0)
-        # ... and bfloat16 really was used: the result is not the float32 one.
-        assert float(jnp.max(jnp.abs(e - f))) > 1e-4
+        reference_error = float(jnp.max(jnp.abs(e - f)))
+        assert reference_error > 1e-4  # bfloat16 really was used: the result is not the float32 one
+        assert float(jnp.max(jnp.abs(g - f))) > 1e-4
+        assert float(jnp.max(jnp.abs(g - f))) <= BF16_FACTOR * reference_error
 
 
 @pytest.mark.parametrize("style", OTHERS)

@@ -19,9 +19,13 @@ fan_in is the input size of a dense layer and kh*kw*in_channels of a conv.
 
 import math
 
+import equinox as eqx
+import flax.linen as nn
+import haiku as hk
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from shared import styles
 from shared.convert import flatten_canonical
@@ -54,3 +58,26 @@ def test_default_initialiser(style, model):
         assert not bias.any()
     else:  # only 64 to 1024 draws: a looser 25% band, still far from zero
         assert bias.std() == pytest.approx(BIAS_STD[style] / math.sqrt(fan_in), rel=0.25)
+
+
+# Each framework's embedding layer left to its default initialiser (the GPT overrides it with N(0, 0.02)
+# in every style): (vocabulary, features) of (1000, 64), 64,000 draws.
+EMBED_STD = {"flax": 1 / math.sqrt(64), "nnx": 1 / math.sqrt(64), "haiku": TRUNCATED_STD, "equinox": 1.0}
+
+
+@pytest.mark.parametrize("style", sorted(EMBED_STD))
+def test_default_embedding_initialiser(style):
+    key = jax.random.key(0)
+    if style == "flax":
+        table = nn.Embed(1000, 64).init(key, np.zeros((1,), np.int32))["params"]["embedding"]
+    elif style == "nnx":
+        table = nnx.Embed(1000, 64, rngs=nnx.Rngs(0)).embedding[...]
+    elif style == "haiku":
+        f = hk.transform(lambda t: hk.Embed(1000, 64)(t))
+        table = f.init(key, np.zeros((1,), np.int32))["embed"]["embeddings"]
+    else:
+        table = eqx.nn.Embedding(1000, 64, key=key).weight
+    table = np.asarray(table, np.float64)
+    assert table.shape == (1000, 64)
+    assert table.std() == pytest.approx(EMBED_STD[style], rel=0.02)
+    assert abs(table.mean()) < 5 * EMBED_STD[style] / math.sqrt(table.size)

@@ -47,12 +47,12 @@ from flax import nnx
 
 from shared import styles as styles_lib
 from shared.layouts import flatten_canonical
-from shared.registry import MODELS, NAMES, STYLES
+from shared.registry import NAMES, STYLES
 from zoo import harness
 from zoo.harness import OTHERS, build, start
 
-CASES = [(m, s) for m in NAMES for s in OTHERS]
-STATEFUL = [(m, s) for m, s in CASES if MODELS[m].state]
+CASES = [(m, s) for m in NAMES + harness.SCANNED for s in OTHERS]
+STATEFUL = [(m, s) for m, s in CASES if harness.spec(m).state]
 DEBIASED = ("haiku", "equinox")  # zero-debiased running averages, with a counter
 FORWARD_ATOL = 1e-5
 GRAD_RTOL = 1e-5
@@ -67,7 +67,7 @@ def assert_close(got, expected, model, style, atol=FORWARD_ATOL, what=""):
     """Within ``atol``, and bitwise where the style lowers to the reference's ops (the registry's ``bitwise``)."""
     got, expected = np.asarray(got), np.asarray(expected)
     assert got.shape == expected.shape, what
-    if style in MODELS[model].bitwise:
+    if style in harness.spec(model).bitwise:
         np.testing.assert_array_equal(got, expected, err_msg=f"{what}: {style} should match bitwise")
     else:
         np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=what)
@@ -78,8 +78,10 @@ def test_parameter_and_state_trees_map_one_to_one(model, style):
     reference = build(model, "jax")
     net = build(model, style)
     for kind in ("params", "state"):
-        ref_tree = jax.eval_shape(reference.init, jax.random.key(0))[kind == "state"]
-        expected = flatten_canonical(ref_tree)
+        ref_native = jax.eval_shape(reference.init, jax.random.key(0))[kind == "state"]
+        # The reference's tree is the canonical one, its scanned blocks unstacked.
+        expected = flatten_canonical(jax.eval_shape(
+            reference.to_canonical if kind == "params" else reference.state_to_canonical, ref_native))
         native = jax.eval_shape(lambda k: net.init(k)[kind == "state"], jax.random.key(0))
         convert = net.to_canonical if kind == "params" else net.state_to_canonical
         converted = flatten_canonical(jax.eval_shape(convert, native))
@@ -91,7 +93,7 @@ def test_parameter_and_state_trees_map_one_to_one(model, style):
     # native leaf (a native leaf may hold several, an LSTM's gates), element for element.
     native_params = jax.eval_shape(lambda k: net.init(k)[0], jax.random.key(0))
     paths = net.converter.canonical_paths()
-    assert sorted(paths) == sorted(flatten_canonical(jax.eval_shape(reference.init, jax.random.key(0))[0]))
+    assert sorted(paths) == sorted(flatten_canonical(start(model)[0]))
     assert len(jax.tree.leaves(native_params)) == len(net.converter.rules)
     for rule, leaf in zip(net.converter.rules, jax.tree.leaves(native_params)):
         assert math.prod(leaf.shape) == sum(math.prod(s) for s in rule.part_shapes), rule.native
@@ -138,7 +140,7 @@ def trained_state(model: str, digits) -> dict:
     """A canonical state that has seen 5 training batches (running statistics away from 0 and 1)."""
     params, state = start(model)
     fn = harness.deterministic(model, "jax")
-    batches = harness.batch(digits, 64), harness.batch(digits, 32)
+    batches = harness.batch(digits, 64, model), harness.batch(digits, 32, model)
     for i in range(5):
         images = batches[0]["image"] * (1 + i / 5)
         state = harness.nest(fn(params, state, state, images, batches[0]["label"])["state"])
@@ -191,16 +193,17 @@ def test_every_deterministic_path_matches_the_reference(model, style, digits):
     down what they do; how far that is from the reference's own eval is
     measured in ``test_resnet.py``.
     """
-    spec = MODELS[model]
+    spec = harness.spec(model)
     params, state = start(model)
-    batch = harness.batch(digits)
+    batch = harness.batch(digits, model=model)
     trained = trained_state(model, digits) if spec.state else state
     eval_reference_state = trained
     if spec.state and style in DEBIASED:
         eval_reference_state = debiased(trained, spec.ema_decay(build(model, style).hparams), 5,
                                         variance_from_zero=style == "haiku")
-    expected = harness.deterministic(model, "jax")(params, state, eval_reference_state, batch["image"],
-                                                   batch["label"])
+    expected = harness.deterministic(model, "jax")(*harness.native(model, "jax"),
+                                                   harness.native(model, "jax", (params, eval_reference_state), 5)[1],
+                                                   batch["image"], batch["label"])
     got = harness.deterministic(model, style)(*harness.native(model, style),
                                               harness.native(model, style, (params, trained), 5)[1],
                                               batch["image"], batch["label"])
@@ -273,7 +276,7 @@ def test_fifty_adam_steps_match_reference(model, style, digits):
     got, got_params, got_state = run(model, style, digits)
     # Not vacuous: the 50 steps train (the last ten losses 3% below the first ten, at least).
     assert expected[-10:].mean() < 0.97 * expected[:10].mean(), "the reference did not learn"
-    if style in MODELS[model].bitwise:
+    if style in harness.spec(model).bitwise:
         np.testing.assert_array_equal(got, expected)
         for path in expected_params:
             np.testing.assert_array_equal(got_params[path], expected_params[path], err_msg=path)
@@ -302,7 +305,7 @@ def test_fifty_float64_adam_steps_match_the_reference_to_1e_10(model, style, dig
     assert {np.asarray(leaf).dtype for leaf in got.values()} == {np.dtype(np.float64)}
     np.testing.assert_allclose(losses, expected_losses, rtol=FLOAT64_ATOL, atol=0)
     for path, e in expected.items():
-        if style in MODELS[model].bitwise:
+        if style in harness.spec(model).bitwise:
             np.testing.assert_array_equal(got[path], e, err_msg=path)
         np.testing.assert_allclose(got[path], e, rtol=0, atol=FLOAT64_ATOL, err_msg=path)
     for path, e in expected_state.items():
@@ -341,4 +344,5 @@ def test_float64_needs_x64_and_says_how():
 
 
 def test_every_style_has_a_parity_case():
-    assert {s for _, s in CASES} == set(STYLES) - {"jax"} and {m for m, _ in CASES} == set(NAMES)
+    assert {s for _, s in CASES} == set(STYLES) - {"jax"}
+    assert {m for m, _ in CASES} == set(NAMES) | set(harness.SCANNED)

@@ -37,7 +37,10 @@ from zoo.harness import OTHERS, build, start
 from zoo.test_parity import assert_close
 
 DRAWING = [m for m in NAMES if MODELS[m].rng]
-DROPOUT = [m for m in DRAWING if MODELS[m].rng == "dropout"]
+# The law holds scanned too: each layer of a scan draws its own masks (the recorder keeps every call of
+# a draw site, once per layer). The same-draws check replays the reference's draws site by site, which
+# a scan's one traced body cannot take layer by layer: it runs unrolled.
+DROPOUT = [m for m in DRAWING + list(harness.SCANNED) if harness.spec(m).rng == "dropout"]
 SIGMAS = 5  # a law holds within 5 standard errors: a false alarm about once in 3.5 million
 
 
@@ -55,7 +58,7 @@ def _native_overridden(model, style, overrides):
 
 @pytest.mark.parametrize("model,style", [(m, s) for m in DRAWING for s in OTHERS])
 def test_the_same_draws_give_the_same_outputs(model, style, digits):
-    batch = harness.batch(digits)
+    batch = harness.batch(digits, model=model)
     outputs, draws = record(model, style, jax.random.key(7), batch)
     assert draws, f"{model} ({style}) drew nothing in training"
     params, state = start(model)
@@ -72,9 +75,12 @@ def test_the_same_draws_give_the_same_outputs(model, style, digits):
 @pytest.mark.parametrize("model,style", [(m, s) for m in DROPOUT for s in STYLES])
 def test_dropout_draws_by_its_law(model, style, digits):
     rate = build(model, style).hparams["dropout"]
-    batch = harness.batch(digits)
+    batch = harness.batch(digits, model=model)
     outputs, masks = record(model, style, jax.random.key(1), batch)
     masks = [np.asarray(m, bool) for m in masks]
+    if harness.variant(model):  # a scan draws once per layer, as the unrolled blocks do
+        unrolled = record(harness.spec(model).name, style, jax.random.key(1), batch)[1]
+        assert sorted(m.shape for m in masks) == sorted(np.shape(m) for m in unrolled)
     kept = np.concatenate([m.ravel() for m in masks])
     bound = SIGMAS * np.sqrt(rate * (1 - rate) / kept.size)
     assert abs(kept.mean() - (1 - rate)) <= bound, (kept.mean(), 1 - rate, bound)
