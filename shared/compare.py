@@ -144,7 +144,7 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     config.validate()
     models = _build_all(model_name, dataset, styles, precision, hparams)
     spec = models["jax"].spec
-    if init_canonical is None or init_canonical_state is None:  # (an eager init compiles op by op: skip it if given)
+    if init_canonical is None or init_canonical_state is None:  # (not drawn when given)
         init_key, _ = jax.random.split(jax.random.key(config.seed))
         start_params, start_state = models["jax"].init(init_key)
         # The reference's tree is canonical, but for blocks it stacks under a scan: converted all the same.

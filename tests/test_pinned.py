@@ -2,9 +2,9 @@
 what the MLP, CNN or VAE compute shows up here.
 
 The losses in ``pinned_losses.json`` are the 11 steps of one epoch on digits, each style from its
-own initialiser: MLP and CNN as measured before the model state and train/eval mode were added
-(commit f79a9a2), the VAE since each framework draws its noise its own way (recorded on one machine
-only: a set may lack a model it was not measured for). They depend on the jax and
+own initialiser, drawn by one compiled program (the file's note says which sets predate that, and
+what they keep); the VAE since each framework draws its noise its own way (a set may lack a model
+it was not measured for). They depend on the jax and
 XLA build and on the processor: XLA's CPU code generation uses the vector extensions it finds
 (AVX2, AVX-512), and other vector widths sum floats in another order. So each set of losses is
 recorded with the machine's fingerprint:

@@ -73,7 +73,13 @@ DRAWN = ("bernoulli", "normal")  # the jax.random functions the models' randomne
 
 @functools.cache
 def build(model: str, style: str, precision: str = "float32", **overrides: Any) -> styles_lib.Model:
-    """``model`` in ``style`` at its small size (``overrides`` on top)."""
+    """``model`` in ``style`` at its small size (``overrides`` on top), built once per process."""
+    return fresh(model, style, precision, **overrides)
+
+
+def fresh(model: str, style: str, precision: str = "float32", **overrides: Any) -> styles_lib.Model:
+    """:func:`build`, built anew: its ``init`` (a ``jax.jit``) has traced nothing yet, so a spy on a
+    layer's ``__call__`` sees every call."""
     return styles_lib.build(spec(model).name, style, in_shape=in_shape(model), precision=precision,
                             **{**spec(model).small, **variant(model), **overrides})
 

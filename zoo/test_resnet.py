@@ -79,7 +79,7 @@ def test_every_framework_is_configured_with_the_same_decay_and_epsilon():
     original = hk.BatchNorm.__call__
     hk.BatchNorm.__call__ = spy
     try:
-        jax.eval_shape(lambda k: build("haiku").init(k), jax.random.key(0))  # a fresh trace: the spy sees every layer
+        harness.fresh(MODEL, "haiku")  # building traces init once, under the spy: it sees every layer
     finally:
         hk.BatchNorm.__call__ = original
     assert {entry[1:] for entry in seen} == {(DECAY, 1e-5, True)}

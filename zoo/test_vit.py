@@ -200,7 +200,7 @@ def test_layernorm_epsilon_and_variance_defaults():
 
     hk.LayerNorm.__call__ = spy
     try:
-        jax.eval_shape(lambda k: build("haiku").init(k), jax.random.key(0))  # a fresh trace
+        harness.fresh(MODEL, "haiku")  # building traces init once, under the spy
     finally:
         hk.LayerNorm.__call__ = original
     assert seen and set(seen) == {1e-6}
