@@ -456,7 +456,13 @@ def plot_curves(result: Result, path: Path) -> None:
     axes[0].set(xlabel="step", ylabel="negative ELBO" if kind == "vae" else "cross-entropy", title="loss")
     if kind == "classifier":
         axes[0].set_yscale("log")
-        axes[1].plot(ep_steps, [100 * h["test_accuracy"] for h in result.history], "s-", color="C2")
+        lm = "test_exact_match" in result.history[0]  # a language model: its tokens, and whole answers
+        axes[1].plot(ep_steps, [100 * h["test_accuracy"] for h in result.history], "s-", color="C2",
+                     label="tokens" if lm else None)
+        if lm:
+            axes[1].plot(ep_steps, [100 * h["test_exact_match"] for h in result.history], "o-", color="C4",
+                         label="exact match")
+            axes[1].legend()
         axes[1].set(xlabel="step", ylabel="%", title="test accuracy")
     else:
         axes[1].plot(ep_steps, [h["test_bce"] for h in result.history], "s-", label="reconstruction (BCE)")
