@@ -57,7 +57,7 @@ from shared import styles as styles_lib
 from shared import train as train_lib
 from shared.errors import ZooError
 from shared.files import strict
-from shared.layouts import _key_name
+from shared.layouts import _key_name, nest_canonical
 from shared.styles import Model
 
 FORMAT = 2
@@ -108,17 +108,6 @@ def flatten(tree: Any) -> dict[str, Any]:
     """``{"0/mu/conv1/kernel": leaf, ...}``: every leaf by its "/"-joined path."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(_key_name(k)) for k in path): leaf for path, leaf in leaves}
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, last = path.split("/")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = leaf
-    return nested
 
 
 def _crc(array: np.ndarray) -> int:
@@ -377,7 +366,7 @@ def _restore_arrays(directory: Path, step: int, meta: dict[str, Any],
                 raise ZooError(f"checkpoint {directory / str(step)} does not fit: {item}/{path} is "
                                f"{got['dtype']}{tuple(got['shape'])} there, "
                                f"{np.dtype(want.dtype)}{tuple(want.shape)} here")
-    targets = {item: _nest({p: np.zeros(v.shape, v.dtype) for p, v in flat.items()})
+    targets = {item: nest_canonical({p: np.zeros(v.shape, v.dtype) for p, v in flat.items()})
                for item, flat in expected.items() if flat}
     manager = _manager(directory, read_only=True)
     try:
@@ -449,7 +438,7 @@ class Saver:
                 # Copies: Orbax writes the JSON in the background while the loop appends to the log.
                 "log": {"history": [dict(h) for h in self.log.history],
                         "step_losses": list(self.log.step_losses)}}
-        items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
+        items = {item: ocp.args.StandardSave(nest_canonical(flat)) for item, flat in flats.items() if flat}
         if self.manager is None:
             self.manager = _manager(self.directory, read_only=False, keep=self.keep)
         with quiet(logging.CRITICAL):  # see close(): a failed or interrupted save is raised, not logged
@@ -491,7 +480,7 @@ def write_imported(directory: str | Path, reference: Model, params: Any, state: 
         "log": {"history": [], "step_losses": []},
         "arrays": {f"{item}/{p}": {**_describe(v), "crc32": _crc(v)} for item, flat in flats.items()
                    for p, v in flat.items()}}))
-    items = {item: ocp.args.StandardSave(_nest(flat)) for item, flat in flats.items() if flat}
+    items = {item: ocp.args.StandardSave(nest_canonical(flat)) for item, flat in flats.items() if flat}
     with locked(directory):
         manager = _manager(directory, read_only=False, keep=1)
         try:

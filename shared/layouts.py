@@ -384,3 +384,16 @@ def flatten_canonical(tree: Canonical, prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def nest_canonical(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten_canonical`: ``{"blocks_0/bn1/bias": x}`` ->
+    ``{"blocks_0": {"bn1": {"bias": x}}}``."""
+    nested: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = leaf
+    return nested

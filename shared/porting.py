@@ -43,7 +43,7 @@ from shared import checkpoint, files, registry
 from shared import styles as styles_lib
 from shared.args import int_list, path_arg
 from shared.errors import ZooError
-from shared.layouts import flatten_canonical
+from shared.layouts import flatten_canonical, nest_canonical
 from shared.registry import NAMES, STYLES
 
 EXPORT_FORMATS = ("msgpack", "npz", "eqx")  # zoo import also reads Orbax folders
@@ -237,7 +237,7 @@ def import_params(path: str | Path, model_name: str, style: str, *, in_shape: tu
                        "transposed, so they cannot be matched by shape; save the catalogue's own model")
     source = _modules(flat, canonical_names=False)
     mapping = map_names(source, _network_order(reference), names)
-    nested = checkpoint._nest({f"{dst}/{role}": value for src, dst in mapping.items()
+    nested = nest_canonical({f"{dst}/{role}": value for src, dst in mapping.items()
                                for role, value in source[src].items()})
     reference.from_canonical(nested)  # checks every path and shape against the model, in one line
     return Imported(reference, nested, _initial_state(reference), mapping, fmt)

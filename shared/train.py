@@ -30,6 +30,7 @@ from shared import tasks
 from shared.args import MAX_COUNT, SEED_LIMIT
 from shared.errors import ZooError
 from shared.files import atomic_path, write_json
+from shared.registry import MODELS
 from shared.styles import Model
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -443,7 +444,7 @@ def plot_curves(result: Result, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kind = "classifier" if "test_accuracy" in (result.history[0] if result.history else {}) else "vae"
+    kind = MODELS[result.model].kind
     # Fixed margins: tight_layout measures every label's extent, which took half of the second a
     # plot costs, on every zoo train.
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -454,12 +455,11 @@ def plot_curves(result: Result, path: Path) -> None:
     axes[0].plot(ep_steps, [h["train_loss"] for h in result.history], "o-", label="train (epoch mean)")
     axes[0].plot(ep_steps, [h["test_loss"] for h in result.history], "s-", label="test")
     axes[0].set(xlabel="step", ylabel="negative ELBO" if kind == "vae" else "cross-entropy", title="loss")
-    if kind == "classifier":
+    if kind in ("classifier", "lm"):
         axes[0].set_yscale("log")
-        lm = "test_exact_match" in result.history[0]  # a language model: its tokens, and whole answers
         axes[1].plot(ep_steps, [100 * h["test_accuracy"] for h in result.history], "s-", color="C2",
-                     label="tokens" if lm else None)
-        if lm:
+                     label="tokens" if kind == "lm" else None)
+        if kind == "lm":  # its tokens, and whole answers
             axes[1].plot(ep_steps, [100 * h["test_exact_match"] for h in result.history], "o-", color="C4",
                          label="exact match")
             axes[1].legend()

@@ -31,7 +31,7 @@ from shared import data as data_lib
 from shared import styles as styles_lib
 from shared import tasks
 from shared.draws import midpoint_key
-from shared.layouts import flatten_canonical
+from shared.layouts import flatten_canonical, nest_canonical
 from shared.registry import MODELS, STYLES, ModelSpec
 
 IN_SHAPE = (8, 8, 1)
@@ -188,25 +188,13 @@ def train_losses(model: str, style: str, digits: data_lib.Dataset, steps: int = 
     while len(losses) < steps:
         batches = data_lib.train_batches(train_split(model, digits), 64, seed=0, epoch=epoch)
         for i in range(min(len(batches), steps - len(losses))):
-            native_params, native_state = native(model, style, (nest(flat), state))
+            native_params, native_state = native(model, style, (nest_canonical(flat), state))
             out = fn(native_params, native_state, native_state, batches[i]["image"], batches[i]["label"])
             flat, opt_state = update(flat, out["grads"], opt_state)
-            state = nest(out["state"])
+            state = nest_canonical(out["state"])
             losses.append(float(out["loss"]))
         epoch += 1
     return np.asarray(losses), {k: np.asarray(v) for k, v in flat.items()}, flatten_canonical(state)
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"blocks_0/bn1/bias": x}`` -> ``{"blocks_0": {"bn1": {"bias": x}}}``."""
-    nested: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split("/")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = leaf
-    return nested
 
 
 # --------------------------------------------------------------------------- draws

@@ -46,7 +46,7 @@ import pytest
 from flax import nnx
 
 from shared import styles as styles_lib
-from shared.layouts import flatten_canonical
+from shared.layouts import flatten_canonical, nest_canonical
 from shared.registry import NAMES, STYLES
 from zoo import harness
 from zoo.harness import OTHERS, build, start
@@ -143,7 +143,7 @@ def trained_state(model: str, digits) -> dict:
     batches = harness.batch(digits, 64, model), harness.batch(digits, 32, model)
     for i in range(5):
         images = batches[0]["image"] * (1 + i / 5)
-        state = harness.nest(fn(params, state, state, images, batches[0]["label"])["state"])
+        state = nest_canonical(fn(params, state, state, images, batches[0]["label"])["state"])
     return state
 
 
