@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 from shared import data as data_lib
 from shared import files
 from shared import generate as generate_lib
+from shared import parallel
 from shared import styles as styles_lib
 from shared import tasks
 from shared.args import choice_list, path_arg, positive_int, seed
@@ -84,7 +85,8 @@ from shared.errors import ZooError
 from shared.files import atomic_path, write_json, write_text
 from shared.registry import MODELS, NAMES, STYLES
 from shared.styles import Model
-from shared.train import TrainConfig, TrainState, count_params, make_optimizer, make_train_step
+from shared.train import (TrainConfig, TrainState, count_params, make_mesh, make_optimizer, make_train_step,
+                          placed_step)
 
 PATTERNS = ("fast", "idiomatic", "guided")
 # Styles whose documented idiom is plain jax.jit over params and optimizer state: the fast pattern.
@@ -1178,6 +1180,67 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 
+# --------------------------------------------------------------------------- several devices
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+
+
+def sharding_rows(name: str, styles: Sequence[str], *, dataset: data_lib.Dataset, mesh: tuple[tuple[str, int], ...],
+                  batch_size: int = 128, precision: str = "float32", seed: int = 0, devices: int | None = None,
+                  hparams: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Per strategy and style, on ``mesh``: the bytes of the collectives in the compiled train step (read from
+    its HLO: what each device receives per step, the same on any machine) and the bytes of parameters plus
+    optimiser state that each device holds. Nothing is timed: on fake CPU devices a time would mean nothing.
+    The plain-JAX reference is always measured."""
+    rows = []
+    batch = data_lib.train_batches(dataset.train, batch_size, seed, 0)[0]
+    styles = tuple(dict.fromkeys(("jax", *styles)))
+    cases = [(strategy, style) for strategy in parallel.STRATEGIES for style in styles]
+    for strategy, style in tqdm(cases, disable=not progress, desc=f"bench {name} sharded", leave=False,
+                                dynamic_ncols=True):
+        model = styles_lib.build(name, style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
+                                 precision=precision, **(hparams or {}))
+        config = TrainConfig(batch_size=batch_size, seed=seed, devices=devices, mesh=mesh, strategy=strategy)
+        grid = make_mesh(devices, mesh)
+        parallel.check_divides(model, strategy, dict(grid.shape))
+        if batch_size % grid.shape["data"]:
+            raise ZooError(f"batch size {batch_size} must be divisible by the mesh's data axis "
+                           f"({grid.shape['data']} devices)")
+        optimizer = make_optimizer(config, 1000, None)
+        params, model_state = model.init(jax.random.key(seed))
+        begin = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), None)
+        state, step = placed_step(model, optimizer, config, jax.random.key(seed + 1), begin, grid)
+        placed = jax.device_put(batch, jax.sharding.NamedSharding(grid, jax.sharding.PartitionSpec("data")))
+        ops = parallel.collectives(step.lower(state, placed).compile().as_text())
+        held = parallel.bytes_per_device((state.params, state.opt_state))
+        whole = sum(leaf.nbytes for leaf in jax.tree.leaves((state.params, state.opt_state)))
+        rows.append({"model": name, "style": style, "strategy": strategy,
+                     "mesh": {axis: int(size) for axis, size in grid.shape.items()}, "batch_size": batch_size,
+                     "collective_bytes": {kind: ops.get(kind, {}).get("bytes", 0) for kind in COLLECTIVES},
+                     "collective_count": {kind: ops.get(kind, {}).get("count", 0) for kind in COLLECTIVES},
+                     "held_bytes": max(held.values()), "whole_bytes": whole})
+    return rows
+
+
+def format_sharding(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of :func:`sharding_rows`: per strategy and style, the collectives' bytes per step
+    and each device's share of the parameters and optimiser state."""
+    if not rows:
+        return ""
+    mesh = " x ".join(f"{axis}={size}" for axis, size in rows[0]["mesh"].items())
+    kinds = [k for k in COLLECTIVES if any(r["collective_bytes"][k] for r in rows)]
+    lines = [f"### {rows[0]['model']} sharded over {mesh} (batch {rows[0]['batch_size']})", "",
+             "Collective bytes each device receives per train step, from the compiled HLO (the same on any "
+             "machine), and the parameters plus optimiser state each device holds.", "",
+             "| strategy | style | " + " | ".join(kinds) + " | held per device | share |",
+             "|---|---|" + "---:|" * len(kinds) + "---:|---:|"]
+    for r in rows:
+        cells = [f"{r['collective_bytes'][k]:,} ({r['collective_count'][k]})" for k in kinds]
+        lines.append(f"| {r['strategy']} | {r['style']} | " + " | ".join(cells)
+                     + f" | {r['held_bytes']:,} | {r['held_bytes'] / r['whole_bytes']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def _models(text: str) -> str:
     if text not in NAMES:
         raise argparse.ArgumentTypeError(f"unknown model {text!r}; choose from {', '.join(NAMES)}")
@@ -1215,13 +1278,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a language model's decode measure: context lengths (default: 64 256)")
     p.add_argument("--depths", type=positive_int, nargs="+", default=list(DEFAULT_DEPTHS),
                    help="a language model's compile measure: depths, each unrolled and scanned (default: 2 6 12)")
+    p.add_argument("--mesh", type=mesh_arg, metavar="data=D,model=M",
+                   help="instead of timing, compile each style's train step sharded over this mesh with every "
+                        "strategy (dp, fsdp, tp, fsdp+tp) and report its collectives' bytes per step and each "
+                        "device's parameters plus optimiser state (sharding.json, bench.md)")
+    p.add_argument("--devices", type=positive_int, help="with --mesh: the devices the mesh spans (default: all)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--force", action="store_true", help="replace the files of an earlier bench in --out (and --json)")
     p.set_defaults(handler=run)
 
 
+def mesh_arg(text: str) -> tuple[tuple[str, int], ...]:
+    try:
+        return parallel.parse_mesh(text)
+    except ZooError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     styles_lib.use_precision(args.precision)
+    if args.mesh is not None:
+        return run_sharded(args)
+    if args.devices is not None:
+        raise ZooError("--devices goes with --mesh: the timed bench runs on one device")
     out = files.output_dir(args.out, "--out")
     json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "bench.json"
     models = tuple(dict.fromkeys(args.models)) or NAMES
@@ -1271,4 +1350,36 @@ def run(args: argparse.Namespace) -> int:
         for line in failures:
             print(f"  {line}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_sharded(args: argparse.Namespace) -> int:
+    """``zoo bench --mesh``: :func:`sharding_rows` for each model that names its parameters' axes."""
+    models = tuple(dict.fromkeys(args.models)) or tuple(n for n in NAMES if MODELS[n].parallel)
+    for name in models:
+        if not MODELS[name].parallel:
+            parallel.refuse_strategy(name, "fsdp, tp or fsdp+tp")
+    parallel.mesh_shape(args.mesh, args.devices or len(jax.devices()))
+    out = files.output_dir(args.out, "--out")
+    json_path = files.output_file(args.json, "--json", ".json") if args.json else out / "sharding.json"
+    names = {m: MODELS[m].dataset for m in models}
+    for name in dict.fromkeys(names.values()):
+        data_lib.check_dirs(name, args.data_dir, args.manual_dir, **data_lib.options(args))
+    with contextlib.ExitStack() as claims:
+        claims.enter_context(files.claimed(out, "--out", force=args.force,
+                                           writes=["bench.md"] + ([] if args.json else ["sharding.json"])))
+        if args.json:
+            claims.enter_context(files.claimed(json_path, "--json", force=args.force))
+        rows, table = [], ""
+        for name in models:
+            dataset = data_lib.load(names[name], args.data_dir, args.manual_dir, **data_lib.options(args))
+            found = sharding_rows(name, args.styles, dataset=dataset, mesh=args.mesh,
+                                  batch_size=args.batch_size[0], precision=args.precision, seed=args.seed,
+                                  devices=args.devices, progress=not args.no_progress)
+            rows += found
+            table += format_sharding(found) + "\n"
+        write_json(json_path, rows)
+        write_text(out / "bench.md", table)
+    print(table.rstrip())
+    print(f"wrote {json_path} and {out / 'bench.md'}")
     return 0

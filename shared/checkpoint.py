@@ -52,7 +52,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.utils import TMP_DIR_SUFFIX
 
 from shared import data as data_lib
-from shared import files, registry
+from shared import files, parallel, registry
 from shared import styles as styles_lib
 from shared import train as train_lib
 from shared.errors import ZooError
@@ -68,7 +68,7 @@ DEFAULT_KEEP = 3
 # no option on the command line). Everything else decides the optimiser
 # state's structure, the batch order or the trajectory, so it must match: to
 # continue from the parameters with other settings, use --init-from.
-RESUMABLE_CHANGES = ("epochs", "devices", "eval_batch_size")
+RESUMABLE_CHANGES = ("epochs", "devices", "mesh", "strategy", "eval_batch_size")
 
 
 # --------------------------------------------------------------------------- layout
@@ -424,7 +424,7 @@ class Saver:
             self.save(step, state)
 
     def save(self, step: int, state: train_lib.TrainState) -> None:
-        host = jax.device_get(state)
+        host = parallel.host_copy(state)  # canonical trees are made on the host, whatever the sharding
         trees = {"params": self.model.to_canonical(host.params),
                  "state": self.model.state_to_canonical(host.model_state),
                  "opt_state": to_canonical_tree(self.model, host.opt_state),
@@ -507,7 +507,7 @@ def _check_resumable(meta: dict[str, Any], model: Model, dataset: data_lib.Datas
             clashes.append(f"{key.replace('_', '-')} {_show(meta['config'].get(key))} there, {_show(value)} here")
     if clashes:
         raise ZooError(f"cannot resume from {where}: {'; '.join(clashes)}. Resume with the same settings "
-                       "(only --epochs and --devices may change), or start a new run "
+                       "(only --epochs, --devices, --mesh and --strategy may change), or start a new run "
                        "from its parameters with --init-from")
     order = meta["data_order"]
     steps_per_epoch = len(dataset.train) // config.batch_size

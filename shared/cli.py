@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 
-from shared import (bench, catalogue, checkpoint, compare, data, files, generate, porting, registry, sample, site,
-                    styles, train)
+from shared import (bench, catalogue, checkpoint, compare, data, files, generate, parallel, porting, registry,
+                    sample, site, styles, train)
 from shared.args import (Parser, choice_list, fraction, non_negative_float, non_negative_int, one_line,
                          open_fraction, path_arg, positive_float, positive_int, seed)
 from shared.data import add_data_args
@@ -65,7 +65,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="float32; bfloat16 (the forward and backward pass, parameters stay float32); float64 "
                         "(parameters, optimiser state and data: JAX's x64 mode)")
     p.add_argument("--devices", type=positive_int, help="split each batch over this many devices (default: all)")
+    p.add_argument("--mesh", type=mesh_arg, metavar="data=D,model=M",
+                   help="arrange the devices as a (data, model) mesh whose sizes multiply to --devices "
+                        "(default: every device on data)")
+    p.add_argument("--strategy", choices=parallel.STRATEGIES, default="dp",
+                   help="where the parameters and optimiser state live: dp (replicated), fsdp (split over "
+                        "data), tp (attention heads and MLP units split over model), fsdp+tp; the batch is "
+                        "always split over data (default: dp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def mesh_arg(text: str) -> tuple[tuple[str, int], ...]:
+    try:
+        return parallel.parse_mesh(text)
+    except ZooError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -155,7 +169,25 @@ def config_from(args: argparse.Namespace):
         schedule=args.schedule or spec.schedule,
         warmup_steps=spec.warmup_steps if args.warmup_steps is None else args.warmup_steps,
         clip_norm=args.clip_norm, ema=args.ema,
-        freeze=tuple(args.freeze), train_only=tuple(args.train_only), devices=args.devices)
+        freeze=tuple(args.freeze), train_only=tuple(args.train_only), devices=args.devices, mesh=args.mesh,
+        strategy=args.strategy)
+
+
+def check_parallel(args: argparse.Namespace, config: Any, hparams: dict[str, Any]) -> None:
+    """The mesh and strategy against the devices and the model, before any data is read."""
+    if config.mesh is None and config.strategy == "dp":
+        return
+    shape = parallel.mesh_shape(config.mesh, config.devices or len(jax.devices()))
+    if config.strategy != "dp" and not MODELS[args.model].parallel:
+        parallel.refuse_strategy(args.model, config.strategy)
+    if config.strategy != "dp":  # the axes it splits do not depend on the data: any example shape will do
+        reference = styles.build(args.model, "jax", in_shape=registry.example_shape(args.model, (28, 28, 1)),
+                                 precision=args.precision, **hparams)
+        parallel.check_divides(reference, config.strategy, shape)
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(config, name) % shape["data"]:
+            raise ZooError(f"{name.replace('_', '-')} {getattr(config, name)} must be divisible by the "
+                           f"mesh's data axis ({shape['data']} devices), which splits the batch")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -282,6 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, **getattr(args, "resumed_config", {}))
         config.validate()
         hparams = hparams_from(args)
+        check_parallel(args, config, hparams)
         dataset = data.load(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
         model = styles.build(args.model, args.style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
                              precision=args.precision, **hparams)
@@ -327,6 +360,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         files.input_path(args.init_from, "--init-from")
     data.check_dirs(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
     hparams = hparams_from(args)
+    check_parallel(args, config, hparams)
     with files.claimed(out, "--out", force=args.force):
         dataset = data.load(args.dataset, args.data_dir, args.manual_dir, **data.options(args))
         init_canonical = init_state = None
@@ -348,7 +382,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for line in compare.explain(rows):
             print(line)
         print(f"wrote {out}")
+    split = [r["style"] for r in rows if r.get("one_device_parity") == "DIFFERENT"]
+    if split:
+        print(f"zoo compare: {', '.join(split)} sharded ({config.strategy}) differ from the same style on one "
+              "device beyond rounding", file=sys.stderr)
     different = [r["style"] for r in rows if r["parity"] == "DIFFERENT"]
+    if split and not different:
+        return 1
     if different:
         print(f"zoo compare: {', '.join(different)} differ from plain JAX beyond rounding: above the noise floor "
               "(the reference's drift from a one-ulp change of its start), and not shrinking when the same runs "

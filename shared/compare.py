@@ -32,6 +32,13 @@ A model that draws nothing runs once, and that run gives both.
   first step and does not shrink at all. The row then has ``float64_diff``;
 - ``DIFFERENT`` otherwise.
 
+**Several devices.** With a mesh of more than one device or a strategy other
+than ``dp``, every run above is sharded as asked, and each style's parity run
+is repeated on one device: ``one_device_diff`` is the largest difference of
+its parameters from that run's, and ``one_device_parity`` its verdict, by the
+same rule against the same noise floor (confirmed in float64 by the sharded and
+the one-device run of the style itself).
+
 A style that only rounds in another order does so at every step, which one
 perturbation of the start does not imitate: such a style often drifts past the
 floor (by 1.2x for Equinox's ViT after 5 epochs, measured), which is why a row
@@ -47,6 +54,8 @@ floors.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -161,6 +170,14 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
     parity_results = results if not draws else (
         _train_all(models, dataset, config, start, progress, key_impl, snapshots=snapshots,
                    snapshot_at=confirm_at) if noise_floor else None)
+    single = dataclasses.replace(config, devices=1, mesh=None, strategy="dp")
+    sharded = config.strategy != "dp" or (config.mesh is not None and math.prod(dict(config.mesh).values()) > 1) \
+        or (config.devices or len(jax.devices())) > 1
+    one_device: dict[str, Result] = {}
+    one_snapshots: dict[str, tuple] = {}
+    if sharded and noise_floor:
+        one_device = _train_all(models, dataset, single, start, progress, key_impl, snapshots=one_snapshots,
+                                snapshot_at=confirm_at)
     stateful = bool(jax.tree.leaves(results["jax"].model_state))
     floor = floor_state = None
     if noise_floor:
@@ -197,6 +214,10 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             row["float64_diff"] = _confirm(model_name, dataset, config, style, start, hparams, key_impl, progress,
                                            confirm_at)
         row["parity"] = parity(row, precision)
+        if one_device:
+            row.update(_one_device_row(models[style], parity_results[style], one_device[style], row, config, single,
+                                       style, start, hparams, key_impl, progress, confirm_at,
+                                       (snapshots[style], one_snapshots[style]), model_name, dataset, precision))
         if config.freeze or config.train_only:
             # Largest change of any frozen parameter from the common start: 0.0 means untouched.
             labels = models[style].converter.treedef.flatten_up_to(trainable_labels(models[style], config))
@@ -210,6 +231,27 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
             row["ema_test_accuracy"] = result.final.get("ema_test_accuracy")
         rows.append(row)
     return rows, results
+
+
+def _one_device_row(model, sharded: Result, single: Result, row: dict, config: TrainConfig, one: TrainConfig,
+                    style: str, start, hparams, key_impl, progress, confirm_at, snapshots, model_name, dataset,
+                    precision) -> dict[str, Any]:
+    """The difference of a style's sharded parity run from the same style on one device, and its verdict:
+    ``parity``'s rule against the reference's noise floor, confirmed in float64 by the two runs."""
+    diff = max_abs_diff(model.to_canonical(sharded.params), model.to_canonical(single.params))
+    check = {"max_param_diff": diff, "max_state_diff": None, "noise_floor": row["noise_floor"],
+             "noise_floor_state": None, "float64_diff": None}
+    if precision != "float64" and _above_floor(check):
+        check["float32_diff_at_confirm"] = [max_abs_diff(snapshots[0][0], snapshots[1][0]), None]
+        with jax.enable_x64(True):
+            models = _build_all(model_name, dataset, (style,), "float64", hparams)
+            begin = (_float64(start[0]), _float64(start[1]))
+            runs = [_train_all({style: models[style]}, dataset, c, begin, progress, key_impl,
+                               stop_after=confirm_at)[style] for c in (config, one)]
+            check["float64_diff"] = [max_abs_diff(models[style].to_canonical(runs[0].params),
+                                                  models[style].to_canonical(runs[1].params)), None]
+    return {"one_device_diff": diff, "one_device_float64_diff": (check["float64_diff"] or [None])[0],
+            "one_device_parity": parity(check, precision)}
 
 
 def _above_floor(row: dict) -> bool:
@@ -279,6 +321,10 @@ def format_table(rows: list[dict], kind: str) -> str:
         columns.append(("float64", lambda r: "" if r.get("float64_diff") is None else " / ".join(
             f"{d:.1e}" for d in r["float64_diff"] if d is not None)))
     columns.append(("parity", lambda r: r.get("parity") or "-"))
+    if rows and rows[0].get("one_device_diff") is not None:
+        columns.append(("max |param - 1 device|", lambda r: f"{r['one_device_diff']:.2e}" + (
+            "" if r.get("one_device_float64_diff") is None else f" (float64 {r['one_device_float64_diff']:.1e})")))
+        columns.append(("vs 1 device", lambda r: r.get("one_device_parity") or "-"))
     if rows and "ema_test_loss" in rows[0]:
         columns.insert(4, ("EMA " + headline[0], lambda r: (
             f"{100 * r['ema_test_accuracy']:.2f}%" if kind == "classifier" else f"{r['ema_test_loss']:.3f}")))
@@ -300,6 +346,9 @@ def explain(rows: list[dict]) -> list[str]:
                          "is the same (shared/draws.py)" if rows[0].get("parity_run") else
                          "with --no-noise-floor no second run with the same draws was made, so no differences "
                          "are reported"))
+    if rows and rows[0].get("one_device_diff") is not None:
+        lines.append("sharded: every run above is split over the mesh as asked; 1 device: each style's parity run "
+                     "again on one device, judged against the same noise floor")
     if any(r.get("float64_diff") is not None for r in rows):
         steps = next(r["confirm_steps"] for r in rows if r.get("float64_diff") is not None)
         lines.append(f"float64: above the noise floor, the style and plain JAX trained again in float64 for the "

@@ -117,6 +117,9 @@ class ModelSpec:
     stacked: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
     # The dataset the tools use when none is named.
     dataset: str = "digits"
+    # Every style declares its parameters' logical axes ("embed", "heads", "mlp", ...), its framework's
+    # own way: the model can be sharded with --strategy fsdp, tp or fsdp+tp (shared.parallel).
+    parallel: bool = False
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -366,7 +369,7 @@ _REGISTRY = (
         # batches of 128, and 93.1 to 93.9% with a constant 1e-3 or 3e-3 for 30 to 60 epochs).
         small={"width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32},
         epochs=60, batch_size=64, lr=3e-3, schedule="warmup_cosine", warmup_steps=100,
-        inferred=("in_shape",), rng="dropout", train_mode=True, channels_first=True,
+        inferred=("in_shape",), rng="dropout", train_mode=True, channels_first=True, parallel=True,
         layouts=_vit_rules,
         # Linen's and NNX's LayerNorm take the variance in one pass (E[x^2] - E[x]^2), Haiku's takes the
         # mean twice (jnp.mean, then jnp.var), Equinox's and NNX's attention round in their own order.
@@ -393,7 +396,7 @@ _REGISTRY = (
         small={"width": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32},
         # 3-digit addition, 50,000 training problems: 4 epochs are 1,560 steps of 128.
         epochs=4, batch_size=128, lr=1e-3, rng="dropout", train_mode=True, layouts=_gpt_rules,
-        stacked=lambda hp: ("blocks",) if hp["scan_layers"] else (), dataset="addition",
+        stacked=lambda hp: ("blocks",) if hp["scan_layers"] else (), dataset="addition", parallel=True,
         # Linen's and NNX's LayerNorm take the variance in one pass, NNX's attention hands over to
         # jax.nn.dot_product_attention, Haiku's scales the logits after the product.
         bitwise=(),

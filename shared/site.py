@@ -366,6 +366,7 @@ def differences(measured: dict[str, dict[str, Measured]],
         *normalisation_rows(),
         *attention_rows(),
         *language_model_rows(),
+        *sharding_rows(),
         *recurrence_rows(),
         Difference("Float64 parameters (`--precision float64`, x64 mode)", {
             "jax": "the reference's initialisers name `jnp.float32`: the adapter widens the parameters once, "
@@ -543,7 +544,8 @@ def language_model_rows() -> list[Difference]:
         Difference("Scan over layers: the stacked axis (`--scan-layers`)", {
             "jax": "`jax.lax.scan` over `params['blocks']`, every leaf with a leading layer axis",
             "flax": "`nn.scan(Block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, "
-                    "'dropout': True}, in_axes=nn.broadcast, length=depth)`: `params/blocks/...`",
+                    "'dropout': True}, in_axes=nn.broadcast, length=depth, metadata_params=...)`: "
+                    "`params/blocks/...`",
             "nnx": "`nnx.split_rngs` + `nnx.vmap` build the stacked blocks, `nnx.scan` runs them (inside "
                    "`nnx.split_rngs` when the dropout `rngs` come at call time); the `nnx.Cache` stacks too",
             "haiku": "`hk.layer_stack(depth, name='blocks')`: `gpt/blocks/block/~/...`; its `init` returns "
@@ -559,6 +561,49 @@ def language_model_rows() -> list[Difference]:
             "haiku": "`hk.Embed`: truncated normal, stddev 1 (cut at 2: std 0.88)",
             "equinox": "`eqx.nn.Embedding`: N(0, 1)",
         }, ("zoo/test_initialisers.py::test_default_embedding_initialiser",)),
+    ]
+
+
+def sharding_rows() -> list[Difference]:
+    """Model parallelism: where each framework says where a parameter lives, and how to read it back."""
+    parallel = "tests/test_parallel.py::"
+    return [
+        Difference("Sharding: where a parameter names its axes", {
+            "jax": "nowhere on the array: a `PartitionSpec` tree beside `init` (`logical_axes`), "
+                   "`('embed', 'heads', 'kv')` for a query kernel",
+            "flax": "`nn.with_logical_partitioning(init, names)` on each initialiser: `init` returns "
+                    "`LogicallyPartitioned` boxes (`nn.unbox` them); `nn.get_partition_spec` reads the names, "
+                    "`nn.logical_axis_rules` maps them to the mesh",
+            "nnx": "`nnx.with_partitioning(init, names)`: the variable's `out_sharding` metadata (called "
+                   "`sharding` before 0.12.4); by default each variable is sharded as it is made, which needs "
+                   "a mesh and a rule for every name: the files pass `eager_sharding=False` and the model is "
+                   "placed afterwards (`nnx.get_partition_spec` under `nnx.logical_axis_rules`, `nnx.update`)",
+            "haiku": "no metadata (declined, dm-haiku#481): rules by module path, `('/attn/query/w$', "
+                     "('embed', 'heads'))`, over `hk.data_structures.map`; heads and head width are one axis",
+            "equinox": "no metadata (equinox#825): rules by attribute path over the module's arrays, for "
+                       "`eqx.filter_shard`; weights are `(out, in)`, so a query weight is `('heads', 'embed')`",
+        }, (parallel + "test_every_style_places_every_parameter_where_the_reference_does",
+            parallel + "test_sharded_on_four_devices")),
+        Difference("Sharding: the layer axis of a scanned stack", {
+            "jax": "the spec tree gets a leading `'layers'` under `params['blocks']`",
+            "flax": "`nn.scan(..., metadata_params={nn.PARTITION_NAME: 'layers'})` prepends it to every box",
+            "nnx": "`transform_metadata={nnx.PARTITION_NAME: 'layers'}` on the `nnx.vmap` that builds the "
+                   "stack and on every `nnx.scan` over it, or a layer's spec loses or misplaces the axis "
+                   "(flax#5112)",
+            "haiku": "`hk.layer_stack` adds the axis silently: the rules see a leaf of one more dimension",
+            "equinox": "`eqx.filter_vmap` adds the axis silently: the rules see a leaf of one more dimension",
+        }, (parallel + "test_every_style_places_every_parameter_where_the_reference_does",
+            parallel + "test_two_processes_shard_as_one_process_with_four_devices")),
+        Difference("Sharding: what changes in training and checkpoints", {
+            "jax": "nothing in the model: the loop puts the parameters and Adam's moments (`optax.tree_map_params`) "
+                   "where the specs say and `jax.jit` keeps them there; XLA inserts the collectives. A "
+                   "checkpoint holds whole canonical arrays (gathered from the devices, and from every host): "
+                   "any style resumes it on any mesh",
+            "flax": "as plain JAX, from the boxes' names; checkpoints as plain JAX's",
+            "nnx": "as plain JAX, from the variables' metadata; checkpoints as plain JAX's",
+            "haiku": "as plain JAX, from the rules; checkpoints as plain JAX's",
+            "equinox": "as plain JAX, from the rules; checkpoints as plain JAX's",
+        }, (parallel + "test_sharded_on_four_devices", parallel + "test_compare_on_a_two_by_two_mesh")),
     ]
 
 

@@ -130,6 +130,10 @@ class Model:
     # block_size positions) and ``decode(params, cache, tokens, index) -> (logits, cache)``.
     init_cache: Callable[[Any, int], Any] | None = None
     decode: Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]] | None = None
+    # A model with logical axes (ModelSpec.parallel): the native parameter tree with, at each leaf, a
+    # PartitionSpec of its axes' names ("embed", "heads", ...), as the framework declares them (Linen's
+    # and NNX's metadata, Haiku's and Equinox's rules by path, plain JAX's tree); None for the others.
+    logical_axes: Any = None
 
     @property
     def name(self) -> str:
@@ -176,7 +180,7 @@ def build(name: str, style: str, *, in_shape: tuple[int, ...], num_classes: int 
     compute = jnp.bfloat16 if precision == "bfloat16" else None
     if precision == "float64" and style in PARAM_DTYPE_STYLES:
         kwargs = {**kwargs, "param_dtype": jnp.float64}
-    init, apply, generate, native, state_converter, decoder, as_module = _BUILDERS[style](
+    init, apply, generate, native, state_converter, decoder, as_module, axes = _BUILDERS[style](
         spec, module, kwargs, hparams, compute, in_shape, precision)
     if precision == "float64":
         init, apply, generate = _in_float64(init, apply, generate)
@@ -189,9 +193,13 @@ def build(name: str, style: str, *, in_shape: tuple[int, ...], num_classes: int 
     if state_converter is None:
         state_converter = _named_state(Converter(style, state_template))
     state_converter = _shape_checked(state_converter, state_template)
+    converter = Converter(style, template, extra, stacked)
+    logical = None
+    if spec.parallel:
+        logical = axes(template)
+        converter.treedef.flatten_up_to(logical)  # one spec per parameter, in the parameters' tree
     return Model(spec, style, in_shape, num_classes, precision, hparams, init, apply, generate,
-                 Converter(style, template, extra, stacked), state_converter, native, as_module,
-                 *(decoder or (None, None)))
+                 converter, state_converter, native, as_module, *(decoder or (None, None)), logical)
 
 
 # Training holds the parameters, their gradients and Adam's two moments at once.
@@ -434,7 +442,10 @@ def _build_jax(spec, module, kwargs, hparams, compute, in_shape, precision):
             logits, cache = module.apply(_cast(params, compute), tokens, None, False, cache=cache, index=index)
             return widen_to_float32(logits), cache
         decoder = (init_cache, decode)
-    return init, apply, generate, module, None, decoder, None
+
+    def axes(template):
+        return module.logical_axes(**_split_kwargs(module.logical_axes, kwargs))
+    return init, apply, generate, module, None, decoder, None, axes
 
 
 def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
@@ -451,8 +462,13 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
         return {spec.rng: key} if spec.rng and not spec.rng_argument and train else {}
 
     def init(key):
-        variables = net.init(key, *call_args(x0, y0, key, False))
+        # Parameters declared with nn.with_logical_partitioning come boxed with their axis names.
+        variables = linen.unbox(net.init(key, *call_args(x0, y0, key, False)))
         return variables["params"], dict(variables.get("batch_stats", {}))
+
+    def axes(template):
+        boxed = jax.eval_shape(lambda key: net.init(key, *call_args(x0, y0, key, False)), jax.random.key(0))
+        return linen.get_partition_spec(boxed)["params"]
 
     def apply(params, state, images, labels, key, train):
         variables = {"params": params, **({"batch_stats": state} if spec.state else {})}
@@ -482,7 +498,7 @@ def _build_flax(spec, module, kwargs, hparams, compute, in_shape, precision):
                                              mutable=["cache"])
             return widen_to_float32(logits), mutated["cache"]
         decoder = (init_cache, decode)
-    return init, apply, generate, net, None, decoder, None
+    return init, apply, generate, net, None, decoder, None, axes
 
 
 def _build_nnx(spec, module, kwargs, hparams, compute, in_shape, precision):
@@ -543,8 +559,11 @@ def _build_nnx(spec, module, kwargs, hparams, compute, in_shape, precision):
             logits = model(tokens, index + jnp.arange(tokens.shape[1]), decode=True)
             return widen_to_float32(logits), nnx.to_pure_dict(nnx.state(model, nnx.Cache))
         decoder = (init_cache, decode)
+
+    def axes(template):
+        return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract, nnx.Param)))
     return (init, apply, generate, cls, None, decoder,
-            lambda params, state, train: nnx.merge(graphdefs[train], params, state))
+            lambda params, state, train: nnx.merge(graphdefs[train], params, state), axes)
 
 
 def float64_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False,
@@ -640,11 +659,11 @@ def _build_haiku(spec, module, kwargs, hparams, compute, in_shape, precision):
     if spec.state:
         template = jax.eval_shape(lambda k: init(k)[1], jax.random.key(0))
         converter = _haiku_state(spec, template, hparams)
-    return init, apply, generate, forward, converter, decoder, None
+    return init, apply, generate, forward, converter, decoder, None, getattr(module, "logical_axes", None)
 
 
 def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
-    cls = getattr(module, spec.class_name)
+    cls, model_file = getattr(module, spec.class_name), module
     if spec.channels_first and "in_shape" in kwargs:  # Equinox models take the CHW shape they act on
         height, width, channels = kwargs["in_shape"]
         kwargs = {**kwargs, "in_shape": (channels, height, width)}
@@ -730,8 +749,14 @@ def _build_equinox(spec, module, kwargs, hparams, compute, in_shape, precision):
             return widen_to_float32(logits), cache
         decoder = (init_cache, decode)
     converter = _equinox_state([path for path, _ in layers]) if spec.state else None
-    return init, apply, generate, cls, converter, decoder, lambda params, state, train: (module(params, train),
-                                                                                           equinox_state(state))
+
+    def axes(template):
+        specs = jax.tree.leaves(model_file.logical_axes(abstract))  # a spec where the model has an array
+        if len(specs) != len(paths):
+            raise ValueError(f"{spec.name} (equinox): {len(specs)} partition specs for {len(paths)} arrays")
+        return dict(zip(paths, specs))
+    return (init, apply, generate, cls, converter, decoder,
+            lambda params, state, train: (module(params, train), equinox_state(state)), axes)
 
 
 def equinox_batch_norms(model: Any, state: Any) -> list[tuple[str, tuple[Any, Any]]]:

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from shared import data as data_lib
-from shared import tasks
+from shared import parallel, tasks
 from shared.args import MAX_COUNT, SEED_LIMIT
 from shared.errors import ZooError
 from shared.files import atomic_path, write_json
@@ -56,6 +56,10 @@ class TrainConfig:
     train_only: tuple[str, ...] = ()
     devices: int | None = None  # None: every local device
     eval_batch_size: int = 500
+    # The device mesh's axis sizes, (("data", d), ("model", m)) (None: every device on data), and how the
+    # parameters are placed on it (shared.parallel: dp, fsdp, tp or fsdp+tp).
+    mesh: tuple[tuple[str, int], ...] | None = None
+    strategy: str = "dp"
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -84,6 +88,10 @@ class TrainConfig:
             raise ZooError("give either --freeze or --train-only, not both")
         if self.devices is not None and self.devices < 1:
             raise ZooError(f"devices must be a positive integer, got {self.devices}")
+        if self.strategy not in parallel.STRATEGIES:
+            raise ZooError(f"unknown strategy {self.strategy!r}; choose from {', '.join(parallel.STRATEGIES)}")
+        if self.mesh is not None:
+            parallel.parse_mesh(",".join(f"{axis}={size}" for axis, size in self.mesh))
 
 
 class TrainState(NamedTuple):
@@ -262,8 +270,9 @@ class RunLog:
     state_updates: int = 0
 
 
-def make_mesh(devices: int | None) -> Mesh:
-    """A one-axis mesh over the first ``devices`` devices (default: all of them).
+def make_mesh(devices: int | None, mesh: tuple[tuple[str, int], ...] | None = None) -> Mesh:
+    """A ``(data, model)`` mesh over the first ``devices`` devices (default: all of them), of the given
+    axis sizes (default: every device on ``data``).
 
     ``jax.devices()`` lists every process's devices after
     ``jax.distributed.initialize``, so on several hosts the batch is split
@@ -277,7 +286,39 @@ def make_mesh(devices: int | None) -> Mesh:
     if jax.process_count() > 1 and count != len(available):
         raise ZooError(f"--devices {count}: with {jax.process_count()} processes every one of the "
                        f"{len(available)} devices takes part; leave --devices out")
-    return Mesh(np.asarray(available[:count]), ("data",))
+    return parallel.make_mesh(parallel.mesh_shape(mesh, count), available[:count])
+
+
+def state_shardings(model: Model, optimizer: optax.GradientTransformation, state: TrainState,
+                    strategy: str, mesh: Mesh) -> TrainState:
+    """Where each part of the training state lives: the parameters, their EMA and the optimiser's
+    moments (``optax.tree_map_params``) as the strategy places the parameters; the step, the
+    optimiser's counts and the model state replicated."""
+    params = parallel.shardings(model, strategy, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # A frozen parameter has no optimiser state: optax.multi_transform keeps an empty MaskedNode there.
+    opt_state = optax.tree_map_params(
+        optimizer, lambda value, sharding: value if isinstance(value, optax.MaskedNode) else sharding,
+        state.opt_state, params, transform_non_params=lambda _: replicated,
+        is_leaf=lambda value: isinstance(value, optax.MaskedNode))
+    return TrainState(replicated, params, jax.tree.map(lambda _: replicated, state.model_state), opt_state,
+                      None if state.ema_params is None else params)
+
+
+def placed_step(model: Model, optimizer: optax.GradientTransformation, config: TrainConfig, key: jax.Array,
+                start: TrainState, mesh: Mesh) -> tuple[TrainState, Callable]:
+    """``start`` placed on ``mesh`` as ``config.strategy`` says, and the jitted step that keeps it there.
+
+    No buffer donation: the state after step t is still needed (for a
+    checkpoint) while step t + 1 runs. The outputs are pinned where the
+    strategy places them (with dp, replicated: every device keeps the whole
+    state); XLA inserts the collectives that placement implies around the
+    batch, split over the mesh's data axis.
+    """
+    shardings = state_shardings(model, optimizer, start, config.strategy, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(make_train_step(model, optimizer, config, key), out_shardings=(shardings, replicated, replicated))
+    return jax.device_put(start, shardings), step
 
 
 def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
@@ -303,13 +344,14 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
     if tuple(dataset.in_shape) != tuple(model.in_shape):
         raise ZooError(f"{model.name} was built for images of shape {model.in_shape}, "
                        f"but {dataset.name} has {dataset.in_shape}")
-    mesh = make_mesh(config.devices)
-    n_dev = mesh.devices.size
+    mesh = make_mesh(config.devices, config.mesh)
+    parallel.check_strategy(model, config.strategy)
+    parallel.check_divides(model, config.strategy, dict(mesh.shape))
+    n_dev = mesh.shape["data"]
     for name in ("batch_size", "eval_batch_size"):
         if getattr(config, name) % n_dev:
             raise ZooError(f"{name.replace('_', '-')} {getattr(config, name)} must be divisible by "
-                           f"the {n_dev} devices the batch is split over")
-    replicated = NamedSharding(mesh, PartitionSpec())
+                           f"the {n_dev} devices the batch is split over (the mesh's data axis)")
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     init_key, train_key = jax.random.split(jax.random.key(config.seed, impl=key_impl))
@@ -332,12 +374,7 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
         model_state = drawn_state if init_state is None else init_state
         ema = params if config.ema is not None else None
         start = TrainState(jnp.zeros((), jnp.int32), params, model_state, jax.jit(optimizer.init)(params), ema)
-    state = jax.device_put(start, replicated)
-    # No buffer donation: the state after step t is still needed (for a
-    # checkpoint) while step t + 1 runs.
-    # The outputs are pinned replicated: every device keeps the whole state,
-    # and XLA inserts the gradient all-reduce over the sharded batch itself.
-    train_step = jax.jit(make_train_step(model, optimizer, config, train_key), out_shardings=replicated)
+    state, train_step = placed_step(model, optimizer, config, train_key, start, mesh)
     eval_step = jax.jit(make_eval_step(model, jax.random.split(train_key)[1]))
 
     log = RunLog() if log is None else log

@@ -190,6 +190,18 @@ CASES = [
     ("save-every-zero", [*TRAIN, "--checkpoint-dir", "{root}/new", "--save-every", "0"], "must be a positive"),
     ("keep-zero", [*TRAIN, "--checkpoint-dir", "{root}/new", "--keep", "0"], "must be a positive integer"),
     ("devices-too-many", [*TRAIN, "--devices", "4096"], "--devices 4096 asked for, but only"),
+    # --- meshes and sharding strategies (the ones that need several devices: tests/test_parallel.py)
+    ("mesh-not-pairs", [*GPT, "--mesh", "2x2"], "'2x2' is not a mesh; give axis=size pairs"),
+    ("mesh-unknown-axis", [*GPT, "--mesh", "data=1,pipe=2"], "unknown mesh axis 'pipe' in 'data=1,pipe=2'"),
+    ("mesh-axis-twice", [*GPT, "--mesh", "data=1,data=1"], "mesh axis 'data' given twice"),
+    ("mesh-axis-zero", [*GPT, "--mesh", "model=0"], "must have a size from 1 to 4096, got 0"),
+    ("mesh-product", [*GPT, "--mesh", "data=2,model=2"], "--mesh data=2,model=2 has 4 devices but the run has 1"),
+    ("compare-mesh-product", [*COMPARE, "--mesh", "model=2"], "--mesh data=1,model=2 has 2 devices"),
+    ("strategy-unknown", [*GPT, "--strategy", "zero3"], "invalid choice: 'zero3'"),
+    ("strategy-needs-axes", [*TRAIN, "--strategy", "fsdp"], "mlp does not name its parameters' axes"),
+    ("bench-mesh-needs-axes", [*BENCH, "--mesh", "data=1"], "mlp does not name its parameters' axes"),
+    ("bench-mesh-product", ["bench", "gpt", "--mesh", "data=2", "--no-progress"], "has 2 devices but the run has 1"),
+    ("bench-devices-without-mesh", [*BENCH, "--devices", "1"], "--devices goes with --mesh"),
     ("process-id-negative", [*TRAIN, "--process-id", "-1"], "must be an integer >= 0"),
     ("num-processes-zero", [*TRAIN, "--num-processes", "0"], "must be a positive integer"),
     # --- numbers: NaN, infinities, signs, ranges

@@ -14,14 +14,37 @@ layer. Generation passes a cache of every layer's keys and values in and out:
 ``init_cache`` makes it, and a call given ``cache`` and the position ``index``
 of its first token writes the new keys and values there and attends over
 everything cached so far.
+
+An Equinox module keeps no metadata on its arrays: :func:`logical_axes` names
+each one's axes by its attribute path (``PARTITION_RULES``), and a sharding
+strategy maps the names to mesh axes (``embed`` over the data axis is FSDP,
+``heads`` and ``mlp`` over the model axis are tensor parallelism), for
+``eqx.filter_shard``.
 """
 
 import math
+import re
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PyTree
+
+# The first pattern that matches an array's attribute path gives the axes of one layer's array.
+# Linear weights are (out, in).
+PARTITION_RULES = (
+    (r"^pos_embed\.weight$", P(None, "embed")),
+    (r"^embed\.", P("vocab", "embed")),
+    (r"attn\.(query|key|value)_proj\.weight$", P("heads", "embed")),  # heads and head_dim in one axis
+    (r"attn\.(query|key|value)_proj\.bias$", P("heads")),
+    (r"attn\.output_proj\.weight$", P("embed", "heads")),
+    (r"mlp1\.weight$", P("mlp", "embed")),
+    (r"mlp1\.bias$", P("mlp")),
+    (r"mlp2\.weight$", P("embed", "mlp")),
+    (r"(attn\.output_proj|mlp2)\.bias$", P("embed")),
+    (r"norm\d?\.(weight|bias)$", P("embed")),
+)
 
 # A layer's (keys, values), each (max_len, heads, head_dim); stacked on a leading layer axis when scanned.
 KVCache = tuple[Float[Array, "*layers max_len heads head_dim"], Float[Array, "*layers max_len heads head_dim"]]
@@ -178,3 +201,18 @@ class GPT(eqx.Module):
             zeros = jnp.zeros((self.depth, *shape), dtype)
             return zeros, zeros
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
+
+
+def logical_axes(model: GPT) -> PyTree[P | None]:
+    """A ``PartitionSpec`` of axis names for every array of ``model`` (None elsewhere), by
+    ``PARTITION_RULES``; the leading axis of the stacked blocks is ``layers``."""
+    def axes(path: tuple, leaf: jax.Array | None) -> P | None:
+        if leaf is None:
+            return None
+        dotted = jax.tree_util.keystr(path, simple=True, separator=".")
+        spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, dotted)), None)
+        if spec is None:
+            raise ValueError(f"no partition rule for {dotted}")
+        return P("layers", *spec) if leaf.ndim > len(spec) else spec
+    is_array = lambda leaf: isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731 (eval_shape's too)
+    return jax.tree_util.tree_map_with_path(axes, eqx.filter(model, is_array))

@@ -8,12 +8,39 @@ dropout(mlp2(dropout(gelu(mlp1(norm2(x))))))``. A final LayerNorm, the class
 token, and a dense head. Acts on a single CHW example, ``in_shape`` being
 ``(channels, height, width)``: ``jax.vmap`` it over a batch, with one key per
 example in training, and select eval mode with ``eqx.nn.inference_mode``.
+
+An Equinox module keeps no metadata on its arrays: :func:`logical_axes` names
+each one's axes by its attribute path (``PARTITION_RULES``), and a sharding
+strategy maps the names to mesh axes (``embed`` over the data axis is FSDP,
+``heads`` and ``mlp`` over the model axis are tensor parallelism), for
+``eqx.filter_shard``.
 """
+
+import re
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, PyTree
+
+# The first pattern that matches an array's attribute path gives its axes. Linear weights are (out, in),
+# the conv's OIHW, its bias (out, 1, 1).
+PARTITION_RULES = (
+    (r"^embed\.weight$", P("embed", None, None, None)),
+    (r"^embed\.bias$", P("embed", None, None)),
+    (r"^(cls|pos_embedding)$", P(None, "embed")),  # one example's: no batch axis
+    (r"attn\.(query|key|value)_proj\.weight$", P("heads", "embed")),  # heads and head_dim in one axis
+    (r"attn\.(query|key|value)_proj\.bias$", P("heads")),
+    (r"attn\.output_proj\.weight$", P("embed", "heads")),
+    (r"mlp1\.weight$", P("mlp", "embed")),
+    (r"mlp1\.bias$", P("mlp")),
+    (r"mlp2\.weight$", P("embed", "mlp")),
+    (r"(attn\.output_proj|mlp2)\.bias$", P("embed")),
+    (r"norm\d?\.(weight|bias)$", P("embed")),
+    (r"^head\.weight$", P(None, "embed")),
+    (r"^head\.bias$", P(None)),
+)
 
 
 class EncoderBlock(eqx.Module):
@@ -108,3 +135,18 @@ class ViT(eqx.Module):
             x = block(x, key=block_key)
         x = jax.vmap(self.norm)(x)
         return self.head(x[0])
+
+
+def logical_axes(model: ViT) -> PyTree[P | None]:
+    """A ``PartitionSpec`` of axis names for every array of ``model`` (None elsewhere), by
+    ``PARTITION_RULES``."""
+    def axes(path: tuple, leaf: jax.Array | None) -> P | None:
+        if leaf is None:
+            return None
+        dotted = jax.tree_util.keystr(path, simple=True, separator=".")
+        spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, dotted)), None)
+        if spec is None:
+            raise ValueError(f"no partition rule for {dotted}")
+        return spec
+    is_array = lambda leaf: isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct))  # noqa: E731 (eval_shape's too)
+    return jax.tree_util.tree_map_with_path(axes, eqx.filter(model, is_array))

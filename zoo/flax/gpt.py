@@ -12,6 +12,11 @@ a leading axis, one compiled layer). ``decode=True`` keeps every layer's keys
 and values in the ``"cache"`` collection: initialise it with a full-length
 input, then apply one token at a time with its ``positions`` and
 ``mutable=["cache"]``.
+
+Every parameter names its axes (``nn.with_logical_partitioning``): under
+``nn.logical_axis_rules`` (``("embed", "data")`` for FSDP, ``("heads",
+"model")`` and ``("mlp", "model")`` for tensor parallelism)
+``nn.get_partition_spec`` gives their shardings.
 """
 
 from typing import Any
@@ -19,6 +24,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+lecun_normal, zeros, ones = nn.initializers.lecun_normal(), nn.initializers.zeros, nn.initializers.ones
+
+
+def layer_norm(dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=param_dtype,
+                        scale_init=nn.with_logical_partitioning(ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
 
 
 class Block(nn.Module):
@@ -31,12 +44,20 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.norm1 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attn = nn.MultiHeadDotProductAttention(self.num_heads, decode=self.decode, dtype=self.dtype,
-                                                    param_dtype=self.param_dtype)
-        self.norm2 = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.mlp1 = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.mlp2 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm1 = layer_norm(self.dtype, self.param_dtype)
+        self.attn = nn.MultiHeadDotProductAttention(
+            self.num_heads, decode=self.decode, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(lecun_normal, ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(zeros, ("heads", "kv")),
+            out_kernel_init=nn.with_logical_partitioning(lecun_normal, ("heads", "kv", "embed")),
+            out_bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
+        self.norm2 = layer_norm(self.dtype, self.param_dtype)
+        self.mlp1 = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, ("embed", "mlp")),
+                             bias_init=nn.with_logical_partitioning(zeros, ("mlp",)))
+        self.mlp2 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, ("mlp", "embed")),
+                             bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, train: bool) -> tuple[jax.Array, None]:
@@ -61,10 +82,10 @@ class GPT(nn.Module):
 
     def setup(self) -> None:
         normal = nn.initializers.normal(0.02)
-        self.embed = nn.Embed(self.vocab_size, self.width, embedding_init=normal, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
-        self.pos_embed = nn.Embed(self.block_size, self.width, embedding_init=normal, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+        self.embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                              embedding_init=nn.with_logical_partitioning(normal, ("vocab", "embed")))
+        self.pos_embed = nn.Embed(self.block_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  embedding_init=nn.with_logical_partitioning(normal, (None, "embed")))
         self.dropout = nn.Dropout(self.dropout_rate)
         block = {"width": self.width, "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
                  "dropout_rate": self.dropout_rate, "decode": self.decode, "dtype": self.dtype,
@@ -72,11 +93,12 @@ class GPT(nn.Module):
         if self.scan_layers:
             self.blocks = nn.scan(Block, variable_axes={"params": 0, "cache": 0},
                                   split_rngs={"params": True, "dropout": True},
-                                  in_axes=(nn.broadcast, nn.broadcast), length=self.depth)(**block)
+                                  in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(**block)
         else:
             # Linen names the submodules of a list attribute blocks_0, blocks_1, ...
             self.blocks = [Block(**block) for _ in range(self.depth)]
-        self.norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = layer_norm(self.dtype, self.param_dtype)
 
     def __call__(self, tokens: jax.Array, train: bool, positions: jax.Array | None = None) -> jax.Array:
         positions = jnp.arange(tokens.shape[-1]) if positions is None else positions

@@ -6,6 +6,11 @@ learned position embeddings added, then dropout. ``depth`` pre-LayerNorm
 encoder blocks follow: ``x + dropout(attn(norm1(x)))``, then ``x +
 dropout(mlp2(dropout(gelu(mlp1(norm2(x))))))``. A final LayerNorm, the class
 token, and a dense head. In train mode apply with ``rngs={"dropout": key}``.
+
+Every parameter names its axes (``nn.with_logical_partitioning``): under
+``nn.logical_axis_rules`` (``("embed", "data")`` for FSDP, ``("heads",
+"model")`` and ``("mlp", "model")`` for tensor parallelism)
+``nn.get_partition_spec`` gives their shardings.
 """
 
 from typing import Any
@@ -13,6 +18,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+lecun_normal, zeros, ones = nn.initializers.lecun_normal(), nn.initializers.zeros, nn.initializers.ones
+
+
+def layer_norm(dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    return nn.LayerNorm(dtype=dtype, param_dtype=param_dtype,
+                        scale_init=nn.with_logical_partitioning(ones, ("embed",)),
+                        bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
 
 
 class EncoderBlock(nn.Module):
@@ -24,11 +37,20 @@ class EncoderBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.norm1 = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.attn = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.norm2 = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.mlp1 = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.mlp2 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm1 = layer_norm(self.dtype, self.param_dtype)
+        self.attn = nn.MultiHeadDotProductAttention(
+            self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(lecun_normal, ("embed", "heads", "kv")),
+            bias_init=nn.with_logical_partitioning(zeros, ("heads", "kv")),
+            out_kernel_init=nn.with_logical_partitioning(lecun_normal, ("heads", "kv", "embed")),
+            out_bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
+        self.norm2 = layer_norm(self.dtype, self.param_dtype)
+        self.mlp1 = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, ("embed", "mlp")),
+                             bias_init=nn.with_logical_partitioning(zeros, ("mlp",)))
+        self.mlp2 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, ("mlp", "embed")),
+                             bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
         self.dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -57,16 +79,22 @@ class ViT(nn.Module):
         num_patches = (height // self.patch_size) * (image_width // self.patch_size)
         # Images are NHWC and kernels HWIO.
         self.embed = nn.Conv(self.width, kernel_size=(self.patch_size, self.patch_size), strides=self.patch_size,
-                             padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype)
+                             padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, (None, None, None, "embed")),
+                             bias_init=nn.with_logical_partitioning(zeros, ("embed",)))
         normal = nn.initializers.normal(0.02)
-        self.cls = self.param("cls", normal, (1, 1, self.width), self.param_dtype)
-        self.pos_embedding = self.param("pos_embedding", normal, (1, num_patches + 1, self.width), self.param_dtype)
+        self.cls = self.param("cls", nn.with_logical_partitioning(normal, (None, None, "embed")), (1, 1, self.width),
+                              self.param_dtype)
+        self.pos_embedding = self.param("pos_embedding", nn.with_logical_partitioning(normal, (None, None, "embed")),
+                                        (1, num_patches + 1, self.width), self.param_dtype)
         self.dropout = nn.Dropout(self.dropout_rate)
         # Linen names the submodules of a list attribute blocks_0, blocks_1, ...
         self.blocks = [EncoderBlock(self.width, self.num_heads, self.mlp_dim, self.dropout_rate,
                                     dtype=self.dtype, param_dtype=self.param_dtype) for _ in range(self.depth)]
-        self.norm = nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = layer_norm(self.dtype, self.param_dtype)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                             kernel_init=nn.with_logical_partitioning(lecun_normal, ("embed", None)),
+                             bias_init=nn.with_logical_partitioning(zeros, (None,)))
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = self.embed(x)

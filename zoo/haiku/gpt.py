@@ -12,12 +12,46 @@ stacked on a leading axis, one compiled layer). With ``decode=True`` each
 attention keeps its keys and values for ``block_size`` positions in Haiku
 state (``hk.transform_with_state``; the same parameters): apply the prompt,
 then each new token, with their ``positions``.
+
+Haiku keeps no metadata on a parameter: :func:`logical_axes` names each
+one's axes by its module path (``PARTITION_RULES``), and a sharding strategy
+maps the names to mesh axes (``embed`` over the data axis is FSDP, ``heads``
+and ``mlp`` over the model axis are tensor parallelism).
 """
+
+import re
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+# The first pattern that matches "module/name" gives the axes of one layer's parameter.
+PARTITION_RULES = (
+    (r"/pos_embed/embeddings$", P(None, "embed")),
+    (r"/embed/embeddings$", P("vocab", "embed")),
+    (r"/attn/(query|key|value)/w$", P("embed", "heads")),  # heads and head_dim in one axis
+    (r"/attn/(query|key|value)/b$", P("heads")),
+    (r"/attn/linear/w$", P("heads", "embed")),
+    (r"/mlp1/w$", P("embed", "mlp")),
+    (r"/mlp1/b$", P("mlp")),
+    (r"/mlp2/w$", P("mlp", "embed")),
+    (r"/(attn/linear|mlp2)/b$", P("embed")),
+    (r"/norm\d?/(scale|offset)$", P("embed")),
+)
+
+
+def logical_axes(params: hk.Params) -> hk.Params:
+    """A ``PartitionSpec`` of axis names for every parameter, by ``PARTITION_RULES``; the leading axis
+    ``hk.layer_stack`` adds is ``layers``."""
+    def axes(module_name: str, name: str, value: jax.Array) -> P:
+        path = f"{module_name}/{name}"
+        spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, path)), None)
+        if spec is None:
+            raise ValueError(f"no partition rule for {path}")
+        return P("layers", *spec) if np.ndim(value) > len(spec) else spec
+    return hk.data_structures.map(axes, params)
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

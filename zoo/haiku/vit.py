@@ -7,11 +7,47 @@ encoder blocks follow: ``x + dropout(attn(norm1(x)))``, then ``x +
 dropout(mlp2(dropout(gelu(mlp1(norm2(x))))))``. A final LayerNorm, the class
 token, and a dense head. Use it inside ``hk.transform``, and apply it with a
 key in training.
+
+Haiku keeps no metadata on a parameter: :func:`logical_axes` names each
+one's axes by its module path (``PARTITION_RULES``), and a sharding strategy
+maps the names to mesh axes (``embed`` over the data axis is FSDP, ``heads``
+and ``mlp`` over the model axis are tensor parallelism).
 """
+
+import re
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+# The first pattern that matches "module/name" gives the axes of a parameter.
+PARTITION_RULES = (
+    (r"/embed/w$", P(None, None, None, "embed")),
+    (r"/embed/b$", P("embed")),
+    (r"/(cls|pos_embedding)$", P(None, None, "embed")),
+    (r"/attn/(query|key|value)/w$", P("embed", "heads")),  # heads and head_dim in one axis
+    (r"/attn/(query|key|value)/b$", P("heads")),
+    (r"/attn/linear/w$", P("heads", "embed")),
+    (r"/mlp1/w$", P("embed", "mlp")),
+    (r"/mlp1/b$", P("mlp")),
+    (r"/mlp2/w$", P("mlp", "embed")),
+    (r"/(attn/linear|mlp2)/b$", P("embed")),
+    (r"/norm\d?/(scale|offset)$", P("embed")),
+    (r"/head/w$", P("embed", None)),
+    (r"/head/b$", P(None)),
+)
+
+
+def logical_axes(params: hk.Params) -> hk.Params:
+    """A ``PartitionSpec`` of axis names for every parameter, by ``PARTITION_RULES``."""
+    def axes(module_name: str, name: str, value: jax.Array) -> P:
+        path = f"{module_name}/{name}"
+        spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, path)), None)
+        if spec is None:
+            raise ValueError(f"no partition rule for {path}")
+        return spec
+    return hk.data_structures.map(axes, params)
 
 
 def dropout(x: jax.Array, rate: float, is_training: bool) -> jax.Array:

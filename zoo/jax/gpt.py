@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Params = dict[str, Any]
 Cache = dict[str, Any]
@@ -76,6 +77,27 @@ def init(
         params.update({f"blocks_{i}": block for i, block in enumerate(blocks)})
     params["norm"] = norm_init(width)
     return params
+
+
+def logical_axes(depth: int = 3, scan_layers: bool = False) -> Params:
+    """The name of each parameter axis, a ``PartitionSpec`` per leaf of :func:`init`'s tree: a sharding
+    strategy maps names to mesh axes (``embed`` over the data axis is FSDP, ``heads`` and ``mlp`` over
+    the model axis are tensor parallelism). A scanned stack's leading axis is ``layers``."""
+    def dense_axes(n_in: str | None, n_out: str | None) -> dict[str, P]:
+        return {"kernel": P(n_in, n_out), "bias": P(n_out)}
+
+    norm = {"scale": P("embed"), "bias": P("embed")}
+    qkv = {"kernel": P("embed", "heads", "kv"), "bias": P("heads", "kv")}
+    block = {"norm1": norm, "attn": {"query": qkv, "key": qkv, "value": qkv,
+                                     "out": {"kernel": P("heads", "kv", "embed"), "bias": P("embed")}},
+             "norm2": norm, "mlp1": dense_axes("embed", "mlp"), "mlp2": dense_axes("mlp", "embed")}
+    axes = {"embed": {"embedding": P("vocab", "embed")}, "pos_embed": {"embedding": P(None, "embed")}}
+    if scan_layers:
+        axes["blocks"] = jax.tree.map(lambda spec: P("layers", *spec), block)
+    else:
+        axes.update({f"blocks_{i}": block for i in range(depth)})
+    axes["norm"] = norm
+    return axes
 
 
 def dense(x: jax.Array, layer: dict[str, jax.Array], axes: int = 1) -> jax.Array:

@@ -15,6 +15,7 @@ head_dim, width)``, each head's slice of a ``(width, width)`` matrix.
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Params = dict[str, dict]
 
@@ -69,6 +70,26 @@ def init(
     params["norm"] = norm_init(width)
     params["head"] = dense_init(keys[-1], width, num_classes)
     return params
+
+
+def logical_axes(depth: int = 4) -> Params:
+    """The name of each parameter axis, a ``PartitionSpec`` per leaf of :func:`init`'s tree: a sharding
+    strategy maps names to mesh axes (``embed`` over the data axis is FSDP, ``heads`` and ``mlp`` over
+    the model axis are tensor parallelism). Patch, channel, position and class axes are not split."""
+    def dense_axes(n_in: str | None, n_out: str | None) -> dict[str, P]:
+        return {"kernel": P(n_in, n_out), "bias": P(n_out)}
+
+    norm = {"scale": P("embed"), "bias": P("embed")}
+    qkv = {"kernel": P("embed", "heads", "kv"), "bias": P("heads", "kv")}
+    block = {"norm1": norm, "attn": {"query": qkv, "key": qkv, "value": qkv,
+                                     "out": {"kernel": P("heads", "kv", "embed"), "bias": P("embed")}},
+             "norm2": norm, "mlp1": dense_axes("embed", "mlp"), "mlp2": dense_axes("mlp", "embed")}
+    axes = {"embed": {"kernel": P(None, None, None, "embed"), "bias": P("embed")},
+            "cls": P(None, None, "embed"), "pos_embedding": P(None, None, "embed")}
+    axes.update({f"blocks_{i}": block for i in range(depth)})
+    axes["norm"] = norm
+    axes["head"] = dense_axes("embed", None)
+    return axes
 
 
 def dense(x: jax.Array, layer: dict[str, jax.Array], axes: int = 1) -> jax.Array:
