@@ -244,7 +244,11 @@ def import_params(path: str | Path, model_name: str, style: str, *, in_shape: tu
 
 
 def _initial_state(reference: styles_lib.Model) -> dict[str, Any]:
-    return reference.state_to_canonical(reference.init(jax.random.key(0))[1])
+    """The model's initial state (BatchNorm's running statistics), canonical: none without state, and else
+    one small program (the parameters' draws, which it does not return, are dead code to XLA)."""
+    if not reference.spec.state:
+        return {}
+    return reference.state_to_canonical(jax.jit(lambda key: reference.init(key)[1])(jax.random.key(0)))
 
 
 def _equinox_skeleton(native: styles_lib.Model) -> tuple[Any, Any]:
