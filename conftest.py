@@ -1,6 +1,9 @@
 """Fixtures shared by the parity tests (zoo/) and the tests of shared/ (tests/)."""
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +117,31 @@ def addition(data_dir):
     from shared import data
 
     return data.load("addition", data_dir, digits=1)
+
+
+@pytest.fixture(scope="session")
+def two_hosts():
+    """``run(args, devices)``: ``python -m shared.cli *args`` as two processes joined by jax.distributed
+    over localhost (``--coordinator``, ``--num-processes 2``, ``--process-id``), each with ``devices``
+    CPU devices; their ``(returncode, stdout, stderr)``, both killed if either hangs."""
+    def run(args, devices: int = 2, timeout: float = 600):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        procs = [subprocess.Popen([sys.executable, "-m", "shared.cli", *map(str, args), "--coordinator",
+                                   f"localhost:{port}", "--num-processes", "2", "--process-id", str(rank)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for rank in range(2)]
+        try:
+            outs = [proc.communicate(timeout=timeout) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outs)]
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -578,32 +578,16 @@ def test_data_parallel_over_four_devices_matches_one(data_dir, tmp_path):
 
 
 @pytest.mark.heavy
-def test_two_processes_train_as_one(data_dir, tmp_path):
+def test_two_processes_train_as_one(data_dir, tmp_path, two_hosts):
     """The same command on two "hosts" (two processes with two CPU devices each, joined by
     jax.distributed over localhost) trains like one process on one device: the batch is split
     four ways and the gradient summed across processes, so only float32 rounding differs (1e-5
     is the parity tolerance; measured: 7e-8). Process 0 alone writes the outputs."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     args = ["train", "mlp", "--style", "flax", "--epochs", "1", "--no-progress", "--data-dir", str(data_dir)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "shared.cli", *args, "--checkpoint-dir", tmp_path / "ckpt",
-                               "--out", tmp_path / "out", "--coordinator", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(rank)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for rank in range(2)]
-    try:
-        outs = [proc.communicate(timeout=300) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-3000:]
+    runs = two_hosts([*args, "--checkpoint-dir", tmp_path / "ckpt", "--out", tmp_path / "out"], devices=2, timeout=300)
+    for returncode, _, err in runs:
+        assert returncode == 0, err[-3000:]
+    outs = [(out, err) for _, out, err in runs]
     assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]  # (Gloo reports its connections there too)
     assert zoo(*args, "--devices", "1", "--checkpoint-dir", tmp_path / "one", "--out", tmp_path / "one-out") == 0
     two, one = canonical_params(tmp_path / "ckpt", "flax"), canonical_params(tmp_path / "one", "flax")
