@@ -418,7 +418,7 @@ def test_two_processes_shard_as_one_process_with_four_devices(data_dir, tmp_path
     mesh with fsdp+tp, as one process with four devices does. Each process holds only its devices'
     shards; a checkpoint gathers them (every process joins) and process 0 alone writes the outputs.
     The same program on the same mesh, with the cross-process sums in Gloo: the losses agree to
-    float32 rounding (1e-5, the parity tolerance)."""
+    float32 rounding (1e-5, the parity tolerance; measured here: identical, losses and parameters)."""
     args = ["train", "gpt", "--style", "nnx", "--scan-layers", "--width", "16", "--depth", "2", "--num-heads", "2",
             "--mlp-dim", "32", "--digits", "1", "--batch-size", "8", "--epochs", "2", "--no-progress",
             "--mesh", "data=2,model=2", "--strategy", "fsdp+tp", "--data-dir", str(data_dir)]
