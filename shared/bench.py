@@ -1195,17 +1195,16 @@ def sharding_rows(name: str, styles: Sequence[str], *, dataset: data_lib.Dataset
     rows = []
     batch = data_lib.train_batches(dataset.train, batch_size, seed, 0)[0]
     styles = tuple(dict.fromkeys(("jax", *styles)))
+    models = {style: styles_lib.build(name, style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
+                                      precision=precision, **(hparams or {})) for style in styles}
+    grid = make_mesh(devices, mesh)
+    parallel.check_batch({"batch_size": batch_size}, dict(grid.shape))
     cases = [(strategy, style) for strategy in parallel.STRATEGIES for style in styles]
     for strategy, style in tqdm(cases, disable=not progress, desc=f"bench {name} sharded", leave=False,
                                 dynamic_ncols=True):
-        model = styles_lib.build(name, style, in_shape=dataset.in_shape, num_classes=dataset.num_classes,
-                                 precision=precision, **(hparams or {}))
+        model = models[style]
         config = TrainConfig(batch_size=batch_size, seed=seed, devices=devices, mesh=mesh, strategy=strategy)
-        grid = make_mesh(devices, mesh)
-        parallel.check_divides(model, strategy, dict(grid.shape))
-        if batch_size % grid.shape["data"]:
-            raise ZooError(f"batch size {batch_size} must be divisible by the mesh's data axis "
-                           f"({grid.shape['data']} devices)")
+        parallel.check_divides(model, strategy, dict(grid.shape))  # before the initialiser compiles
         optimizer = make_optimizer(config, 1000, None)
         params, model_state = model.init(jax.random.key(seed))
         begin = TrainState(jnp.zeros((), jnp.int32), params, model_state, optimizer.init(params), None)
@@ -1278,7 +1277,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a language model's decode measure: context lengths (default: 64 256)")
     p.add_argument("--depths", type=positive_int, nargs="+", default=list(DEFAULT_DEPTHS),
                    help="a language model's compile measure: depths, each unrolled and scanned (default: 2 6 12)")
-    p.add_argument("--mesh", type=mesh_arg, metavar="data=D,model=M",
+    p.add_argument("--mesh", type=parallel.mesh_arg, metavar="data=D,model=M",
                    help="instead of timing, compile each style's train step sharded over this mesh with every "
                         "strategy (dp, fsdp, tp, fsdp+tp) and report its collectives' bytes per step and each "
                         "device's parameters plus optimiser state (sharding.json, bench.md)")
@@ -1287,12 +1286,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace the files of an earlier bench in --out (and --json)")
     p.set_defaults(handler=run)
 
-
-def mesh_arg(text: str) -> tuple[tuple[str, int], ...]:
-    try:
-        return parallel.parse_mesh(text)
-    except ZooError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -65,7 +65,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="float32; bfloat16 (the forward and backward pass, parameters stay float32); float64 "
                         "(parameters, optimiser state and data: JAX's x64 mode)")
     p.add_argument("--devices", type=positive_int, help="split each batch over this many devices (default: all)")
-    p.add_argument("--mesh", type=mesh_arg, metavar="data=D,model=M",
+    p.add_argument("--mesh", type=parallel.mesh_arg, metavar="data=D,model=M",
                    help="arrange the devices as a (data, model) mesh whose sizes multiply to --devices "
                         "(default: every device on data)")
     p.add_argument("--strategy", choices=parallel.STRATEGIES, default="dp",
@@ -73,13 +73,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "data), tp (attention heads and MLP units split over model), fsdp+tp; the batch is "
                         "always split over data (default: dp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def mesh_arg(text: str) -> tuple[tuple[str, int], ...]:
-    try:
-        return parallel.parse_mesh(text)
-    except ZooError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -184,10 +177,7 @@ def check_parallel(args: argparse.Namespace, config: Any, hparams: dict[str, Any
         reference = styles.build(args.model, "jax", in_shape=registry.example_shape(args.model, (28, 28, 1)),
                                  precision=args.precision, **hparams)
         parallel.check_divides(reference, config.strategy, shape)
-    for name in ("batch_size", "eval_batch_size"):
-        if getattr(config, name) % shape["data"]:
-            raise ZooError(f"{name.replace('_', '-')} {getattr(config, name)} must be divisible by the "
-                           f"mesh's data axis ({shape['data']} devices), which splits the batch")
+    parallel.check_batch({"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}, shape)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

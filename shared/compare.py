@@ -55,7 +55,6 @@ floors.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -171,8 +170,7 @@ def compare(model_name: str, dataset: data_lib.Dataset, config: TrainConfig,
         _train_all(models, dataset, config, start, progress, key_impl, snapshots=snapshots,
                    snapshot_at=confirm_at) if noise_floor else None)
     single = dataclasses.replace(config, devices=1, mesh=None, strategy="dp")
-    sharded = config.strategy != "dp" or (config.mesh is not None and math.prod(dict(config.mesh).values()) > 1) \
-        or (config.devices or len(jax.devices())) > 1
+    sharded = config.strategy != "dp" or (config.devices or len(jax.devices())) > 1  # (a mesh spans them all)
     one_device: dict[str, Result] = {}
     one_snapshots: dict[str, tuple] = {}
     if sharded and noise_floor:

@@ -25,9 +25,10 @@ where the reference's do.
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -60,19 +61,36 @@ SIZED_BY = {"embed": "--width", "heads": "--num-heads", "mlp": "--mlp-dim", "kv"
 def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
     """``"data=2,model=2"`` as ``(("data", 2), ("model", 2))``: the mesh's axes and their sizes (an axis
     left out has size 1)."""
-    sizes: dict[str, int] = {}
+    pairs = []
     for part in text.split(","):
         name, eq, size = (piece.strip() for piece in part.partition("="))
         if not eq or not re.fullmatch(r"[0-9]{1,6}", size):
             raise ZooError(f"{text!r} is not a mesh; give axis=size pairs, e.g. data=2,model=2")
+        pairs.append((name, int(size)))
+    return check_mesh(pairs, f" in {text!r}")
+
+
+def check_mesh(pairs: Sequence[Sequence[Any]], where: str = "") -> tuple[tuple[str, int], ...]:
+    """``(axis, size)`` pairs checked (known axes, each once, sizes from 1 to 4096) and completed with the
+    axes left out, of size 1, in ``MESH_AXES`` order."""
+    sizes: dict[str, int] = {}
+    for name, size in pairs:
         if name not in MESH_AXES:
-            raise ZooError(f"unknown mesh axis {name!r} in {text!r}; the axes are {', '.join(MESH_AXES)}")
+            raise ZooError(f"unknown mesh axis {name!r}{where}; the axes are {', '.join(MESH_AXES)}")
         if name in sizes:
-            raise ZooError(f"mesh axis {name!r} given twice in {text!r}")
-        if not 1 <= int(size) <= 4096:
+            raise ZooError(f"mesh axis {name!r} given twice{where}")
+        if not (isinstance(size, int) and 1 <= size <= 4096):
             raise ZooError(f"mesh axis {name} must have a size from 1 to 4096, got {size}")
-        sizes[name] = int(size)
+        sizes[name] = size
     return tuple((axis, sizes.get(axis, 1)) for axis in MESH_AXES)
+
+
+def mesh_arg(text: str) -> tuple[tuple[str, int], ...]:
+    """:func:`parse_mesh` as an argparse type: a refusal is argparse's one line."""
+    try:
+        return parse_mesh(text)
+    except ZooError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def mesh_shape(mesh: tuple[tuple[str, int], ...] | None, devices: int) -> dict[str, int]:
@@ -83,6 +101,15 @@ def mesh_shape(mesh: tuple[tuple[str, int], ...] | None, devices: int) -> dict[s
         raise ZooError(f"--mesh {given} has {math.prod(shape.values())} devices but the run has {devices}; "
                        "make the sizes multiply to the number of devices (--devices)")
     return shape
+
+
+def check_batch(sizes: Mapping[str, int], shape: Mapping[str, int]) -> None:
+    """Refuse a batch size (by option name) that the mesh's data axis, which splits every batch, does not
+    divide."""
+    for name, size in sizes.items():
+        if size % shape["data"]:
+            raise ZooError(f"{name.replace('_', '-')} {size} must be divisible by the mesh's data axis "
+                           f"({shape['data']} devices), which splits the batch")
 
 
 def make_mesh(shape: Mapping[str, int], devices: list[Any]) -> Mesh:
@@ -104,7 +131,7 @@ def refuse_strategy(name: str, strategy: str) -> None:
 
 
 def to_mesh_axes(logical: PartitionSpec, strategy: str) -> PartitionSpec:
-    """A spec of logical axis names as mesh axes: each name by the strategy's first rule for it, else None."""
+    """A spec of logical axis names as mesh axes, by the strategy's rule for each name (None: not split)."""
     rules = dict(RULES[strategy])
     unknown = [name for name in logical if name is not None and name not in rules]
     if unknown:

@@ -91,7 +91,7 @@ class TrainConfig:
         if self.strategy not in parallel.STRATEGIES:
             raise ZooError(f"unknown strategy {self.strategy!r}; choose from {', '.join(parallel.STRATEGIES)}")
         if self.mesh is not None:
-            parallel.parse_mesh(",".join(f"{axis}={size}" for axis, size in self.mesh))
+            parallel.check_mesh(self.mesh)
 
 
 class TrainState(NamedTuple):
@@ -345,13 +345,9 @@ def train(model: Model, dataset: data_lib.Dataset, config: TrainConfig, *,
         raise ZooError(f"{model.name} was built for images of shape {model.in_shape}, "
                        f"but {dataset.name} has {dataset.in_shape}")
     mesh = make_mesh(config.devices, config.mesh)
-    parallel.check_strategy(model, config.strategy)
-    parallel.check_divides(model, config.strategy, dict(mesh.shape))
-    n_dev = mesh.shape["data"]
-    for name in ("batch_size", "eval_batch_size"):
-        if getattr(config, name) % n_dev:
-            raise ZooError(f"{name.replace('_', '-')} {getattr(config, name)} must be divisible by "
-                           f"the {n_dev} devices the batch is split over (the mesh's data axis)")
+    parallel.check_divides(model, config.strategy, dict(mesh.shape))  # and that the model can be sharded
+    parallel.check_batch({"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size},
+                         dict(mesh.shape))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
 
     init_key, train_key = jax.random.split(jax.random.key(config.seed, impl=key_impl))
