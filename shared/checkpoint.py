@@ -610,7 +610,7 @@ def read_params(path: str | Path, model: Model) -> Any:
 def read_canonical(path: str | Path, model_name: str, in_shape: tuple[int, int, int],
                    num_classes: int, **hparams: Any) -> tuple[dict[str, Any], dict[str, Any], int]:
     """The parameters and state stored at ``path`` in the canonical layout, and the state's update count."""
-    reference = styles_lib.build(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
+    reference = styles_lib.build_once(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
     return read_variables(path, reference)
 
 
@@ -623,9 +623,9 @@ def load_variables(path: str | Path, style: str, expect_model: str | None = None
     meta = read_meta(directory, step)
     if expect_model is not None and meta["model"] != expect_model:
         raise ZooError(f"checkpoint {directory / str(step)} holds a {meta['model']}, not a {expect_model}")
-    model = styles_lib.build(meta["model"], style, in_shape=tuple(meta["in_shape"]),
-                             num_classes=meta["num_classes"], precision=meta.get("precision", "float32"),
-                             **meta["hparams"])
+    model = styles_lib.build_once(meta["model"], style, in_shape=tuple(meta["in_shape"]),
+                                  num_classes=meta["num_classes"], precision=meta.get("precision", "float32"),
+                                  **meta["hparams"])
     params, state, _ = read_variables(directory / str(step), model)
     return model, params, state
 

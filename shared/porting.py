@@ -215,8 +215,8 @@ def import_params(path: str | Path, model_name: str, style: str, *, in_shape: tu
     """Read ``path`` (saved by ``style``'s users) as the canonical parameters of ``model_name``."""
     path = Path(path)
     fmt = detect_format(path)
-    reference = styles_lib.build(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
-    native = styles_lib.build(model_name, style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    reference = styles_lib.build_once(model_name, "jax", in_shape=in_shape, num_classes=num_classes, **hparams)
+    native = styles_lib.build_once(model_name, style, in_shape=in_shape, num_classes=num_classes, **hparams)
     init_params, init_state = jax.eval_shape(native.init, jax.random.key(0))
     if fmt == "eqx":
         if style != "equinox":
