@@ -27,8 +27,8 @@ def convert(params: PyTree, model: str, src_style: str, dst_style: str, *,
     ``styles.build(...).as_module(params, state, train)`` gives the framework's
     own module holding it.
     """
-    src = styles.build(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
-    dst = styles.build(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    src = styles.build_once(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    dst = styles.build_once(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
     return dst.from_canonical(src.to_canonical(params))
 
 
@@ -40,6 +40,6 @@ def convert_state(state: PyTree, model: str, src_style: str, dst_style: str, *, 
     Equinox keep that count to debias their averages, the canonical state (like
     Linen's ``batch_stats``) does not.
     """
-    src = styles.build(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
-    dst = styles.build(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    src = styles.build_once(model, src_style, in_shape=in_shape, num_classes=num_classes, **hparams)
+    dst = styles.build_once(model, dst_style, in_shape=in_shape, num_classes=num_classes, **hparams)
     return dst.state_from_canonical(src.state_to_canonical(state), updates)

@@ -207,8 +207,9 @@ def build_once(name: str, style: str, *, in_shape: tuple[int, ...], num_classes:
                precision: str = "float32", **hparams: Any) -> Model:
     """:func:`build`, built once per process for the same arguments (and x64 mode).
 
-    For the readers of checkpoints and exported files, which build the same reference for every file
-    they read: a build traces the model's initialiser (a third of a second for the ViT). A
+    For the readers of checkpoints and exported files and for ``shared.convert``, which build the same
+    models for every file or tree they are given: a build traces the model's initialiser (a third of a
+    second for the ViT). A
     :class:`Model` is frozen, so sharing one changes nothing for its callers. Arguments that cannot be
     a key (an unhashable value) are built afresh.
     """
