@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # options, the jax version and the device; XLA:CPU refuses one built for other CPU features and
 # compiles afresh), so nothing checked changes; only the waiting does. It lives at one fixed
 # path in the user's cache folder, not in the checkout, so that a fresh clone or a CI checkout on
-# the same machine starts warm (the whole suite on 2 cores: 462 s warm, 1,151 s cold, on 1ad49a1).
+# the same machine starts warm (the whole suite on 2 cores: 552 s warm, 1,190 s cold, on 3c14a86).
 # The key holds the folder's own path too (jax sets XLA's autotune-cache option beneath it): a
 # copied or moved cache is a cold one. One state of the code writes about 55 MB; delete the
 # folder to reclaim it (JAX's size cap, JAX_COMPILATION_CACHE_MAX_SIZE, rescans the whole
